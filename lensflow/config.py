@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["PRESETS", "SimulatorConfig", "load_config", "preset", "to_toml"]
+__all__ = ["PRESETS", "SimulatorConfig", "load_config", "preset", "run_provenance", "to_toml"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +60,10 @@ class SimulatorConfig:
             if not ok:
                 raise ValueError(f"SimulatorConfig.{field}={getattr(self, field)!r} is invalid")
         if self.background_rms == 0 and math.isinf(self.exposure_time_s):
-            raise ValueError("SimulatorConfig: background_rms=0 and no Poisson term means "
-                             "zero noise; the likelihood would be undefined")
+            raise ValueError(
+                "SimulatorConfig: background_rms=0 and no Poisson term means "
+                "zero noise; the likelihood would be undefined"
+            )
 
     @property
     def fov_arcsec(self) -> float:
@@ -74,14 +76,24 @@ PRESETS: dict[str, SimulatorConfig] = {
     # HST ACS/WFC3-UVIS drizzled to 0.05"/px; F814W PSF FWHM ~0.09" (the SLACS PSFs in
     # shared/ measure 1.77-1.87 px); blank-sky RMS 0.006 ct/s/px, ~1000 s exposures.
     "hst": SimulatorConfig(
-        name="hst", n_pix=100, pixel_scale_arcsec=0.05, upsample_factor=2,
-        psf_fwhm_arcsec=0.09, background_rms=0.006, exposure_time_s=1000.0,
+        name="hst",
+        n_pix=100,
+        pixel_scale_arcsec=0.05,
+        upsample_factor=2,
+        psf_fwhm_arcsec=0.09,
+        background_rms=0.006,
+        exposure_time_s=1000.0,
     ),
     # Euclid VIS MER mosaics at 0.1"/px; PSF FWHM ~0.17"; RMS 0.0042 per pixel (Q1 cutouts
     # in shared/), 4 x 560 s dithers.
     "euclid": SimulatorConfig(
-        name="euclid", n_pix=64, pixel_scale_arcsec=0.1, upsample_factor=2,
-        psf_fwhm_arcsec=0.17, background_rms=0.0042, exposure_time_s=2240.0,
+        name="euclid",
+        n_pix=64,
+        pixel_scale_arcsec=0.1,
+        upsample_factor=2,
+        psf_fwhm_arcsec=0.17,
+        background_rms=0.0042,
+        exposure_time_s=2240.0,
     ),
 }
 
@@ -142,8 +154,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     sim = dict(raw.get("simulator", {}))
     base = preset(sim.pop("preset")) if "preset" in sim else SimulatorConfig()
-    out["simulator"] = _build(SimulatorConfig, {**dataclasses.asdict(base), **sim},
-                              f"{path} [simulator]")
+    out["simulator"] = _build(
+        SimulatorConfig, {**dataclasses.asdict(base), **sim}, f"{path} [simulator]"
+    )
     return out
 
 
@@ -170,3 +183,49 @@ def to_toml(configs: dict[str, Any]) -> str:
                 lines.append(f"{key} = {value!r}")
         lines.append("")
     return "\n".join(lines)
+
+
+def run_provenance(seed: int | None, configs: dict[str, Any]) -> dict[str, Any]:
+    """What every run writes next to its outputs to be reproducible.
+
+    Args:
+        seed: The run's seed (``None`` if unseeded).
+        configs: Mapping from stage name to its frozen configuration.
+
+    Returns:
+        JSON-serializable mapping: lensflow version, git SHA of the source tree (or
+        ``None`` outside a git checkout), seed, torch version, UTC time and the configs.
+    """
+    import datetime
+    import subprocess
+
+    import torch
+
+    from lensflow import __version__
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "lensflow_version": __version__,
+        "git_sha": sha,
+        "seed": seed,
+        "torch_version": torch.__version__,
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # JSON has no inf: non-finite floats are written as strings ("inf").
+        "config": {
+            stage: {
+                k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in dataclasses.asdict(cfg).items()
+            }
+            for stage, cfg in configs.items()
+        },
+    }

@@ -68,7 +68,9 @@ class Prior:
             ``theta``, shape ``(*sample_shape, D)``, physical units per registry.
         """
         r = torch.rand(
-            (*sample_shape, self.dim), generator=generator, dtype=self._a.dtype,
+            (*sample_shape, self.dim),
+            generator=generator,
+            dtype=self._a.dtype,
             device=self._a.device,
         )
         y = self._a + (self._b - self._a) * r
@@ -89,7 +91,8 @@ class Prior:
         inside = ((theta >= lo) & (theta <= hi)).all(-1)
         # Log-uniform density 1 / (x log(hi/lo)); uniform 1 / (hi - lo).
         logp = torch.where(
-            self._is_log, -torch.log(b - a) - torch.log(theta.clamp_min(1e-300)),
+            self._is_log,
+            -torch.log(b - a) - torch.log(theta.clamp_min(1e-300)),
             -torch.log(b - a),
         ).sum(-1)
         return torch.where(inside, logp, torch.full_like(logp, -torch.inf))

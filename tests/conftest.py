@@ -15,8 +15,12 @@ REAL_LENSES = SHARED / "data" / "real_lenses"
 
 
 def pytest_addoption(parser):
-    parser.addoption("--dtype", default="float64", choices=["float32", "float64"],
-                     help="dtype of the numerics tests")
+    parser.addoption(
+        "--dtype",
+        default="float64",
+        choices=["float32", "float64"],
+        help="dtype of the numerics tests",
+    )
     parser.addoption("--device", default="cpu", help="torch device of the numerics tests")
 
 

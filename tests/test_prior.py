@@ -1,0 +1,47 @@
+"""The default prior: support, moments, density normalization, reproducibility."""
+
+import math
+
+import torch
+
+from lensflow.params import REGISTRY, index
+from lensflow.prior import Prior
+
+
+def test_prior_samples_inside_prior_box():
+    theta = Prior(dtype=torch.float64).sample((10_000,))
+    low = torch.tensor([p.prior_low for p in REGISTRY], dtype=torch.float64)
+    high = torch.tensor([p.prior_high for p in REGISTRY], dtype=torch.float64)
+    assert ((theta >= low) & (theta <= high)).all()
+
+
+def test_prior_uniform_and_loguniform_moments():
+    theta = Prior(dtype=torch.float64).sample((100_000,))
+    te = theta[:, index("lens_theta_e")]
+    # Uniform(0.5, 2.0): mean 1.25, std 1.5/sqrt(12); MC error ~0.0014.
+    assert abs(te.mean().item() - 1.25) < 0.01
+    assert abs(te.std().item() - 1.5 / math.sqrt(12)) < 0.01
+    # log of a log-uniform(2, 200) amplitude is uniform on [log 2, log 200].
+    la = theta[:, index("source_amp")].log()
+    assert abs(la.mean().item() - 0.5 * (math.log(2) + math.log(200))) < 0.02
+
+
+def test_prior_log_prob_normalized_and_minus_inf_outside():
+    prior = Prior(dtype=torch.float64)
+    theta = prior.sample((4,))
+    # Density of a product of boxes: -sum log widths (uniform) and -log(x log(b/a)) (log-uniform).
+    expected = torch.zeros(4, dtype=torch.float64)
+    for i, p in enumerate(REGISTRY):
+        if p.prior == "uniform":
+            expected -= math.log(p.prior_high - p.prior_low)
+        else:
+            expected -= torch.log(theta[:, i]) + math.log(math.log(p.prior_high / p.prior_low))
+    torch.testing.assert_close(prior.log_prob(theta), expected)
+    theta[0, 0] = 100.0
+    assert prior.log_prob(theta)[0] == -math.inf
+
+
+def test_prior_generator_reproducible():
+    a = Prior().sample((5,), generator=torch.Generator().manual_seed(3))
+    b = Prior().sample((5,), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
