@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -71,7 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     p.add_argument("--min-util", type=float, default=0.8, help="CPU use below this = disturbed")
     p.add_argument("--max-retries", type=int, default=2, help="re-runs of a disturbed case")
-    p.add_argument("--chunk-size", type=int, default=None, help="LensSimulator chunk_size")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="vmap chunk_size, for LensSimulator and raw caustics alike (default: whole batch)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
     p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
@@ -85,9 +91,6 @@ def reexec_with_malloc_env(args: argparse.Namespace) -> None:
         return
     env = {**os.environ, **want}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-# --- imports that must happen after the re-exec (torch reads OMP_NUM_THREADS on import) ---
 
 
 def hardware_info(torch, device: str) -> dict:
@@ -120,10 +123,20 @@ def hardware_info(torch, device: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             info[pkg] = None
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                               text=True, check=True, cwd=Path(__file__).parent).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout
         info["git_sha"] = sha + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         info["git_sha"] = None
@@ -140,13 +153,20 @@ def build_raw_caustics(config, psf, dtype, device):
         cosmo = caustics.FlatLambdaCDM(name="cosmo")
     sie = caustics.SIE(cosmology=cosmo, name="sie")
     shear = caustics.ExternalShear(cosmology=cosmo, name="shear", x0=0.0, y0=0.0)
-    lens = caustics.SinglePlane(cosmology=cosmo, lenses=[sie, shear], z_l=0.5, z_s=1.0,
-                                name="lens")
+    lens = caustics.SinglePlane(
+        cosmology=cosmo, lenses=[sie, shear], z_l=0.5, z_s=1.0, name="lens"
+    )
     src = caustics.Sersic(name="source", use_lenstronomy_k=True)
     ll = caustics.Sersic(name="lens_light", use_lenstronomy_k=True)
     sim = caustics.LensSource(
-        lens=lens, source=src, lens_light=ll, pixelscale=config.pixel_scale_arcsec,
-        pixels_x=config.n_pix, psf=psf, upsample_factor=config.upsample_factor, name="sim",
+        lens=lens,
+        source=src,
+        lens_light=ll,
+        pixelscale=config.pixel_scale_arcsec,
+        pixels_x=config.n_pix,
+        psf=psf,
+        upsample_factor=config.upsample_factor,
+        name="sim",
     )
     sim.to(device=torch.device(device), dtype=dtype)
     return sim
@@ -222,8 +242,11 @@ class Timer:
                 best = (n_bad, res)
             if n_bad == 0:
                 break
-            print(f"  [{label}] disturbed (attempt {attempt + 1}, load {os.getloadavg()[0]:.2f})"
-                  f"; re-running", flush=True)
+            print(
+                f"  [{label}] disturbed (attempt {attempt + 1}, load {os.getloadavg()[0]:.2f})"
+                f"; re-running",
+                flush=True,
+            )
             time.sleep(5)
         for r in best[1].values():
             r["attempts"] = attempt + 1
@@ -254,8 +277,9 @@ def bench_lenstronomy(theta, config, n_images: int, timer: Timer, lensflow_image
         for kw in kwargs:
             model.image(kw.kwargs_lens, kw.kwargs_source, kw.kwargs_lens_light)
 
-    res = timer.robust_compare({"render_lenstronomy": render, "ImageModel.image": image_loop},
-                               "lenstronomy")
+    res = timer.robust_compare(
+        {"render_lenstronomy": render, "ImageModel.image": image_loop}, "lenstronomy"
+    )
     for r in res.values():
         r["images_per_s"] = n_images / r["s_per_call"]
     # Informational parity with lensflow on the first images (lensflow at the bench dtype).
@@ -274,7 +298,7 @@ def bench_lenstronomy(theta, config, n_images: int, timer: Timer, lensflow_image
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reexec_with_malloc_env(args)
-
+    # torch is imported only after the re-exec, so that OMP_NUM_THREADS applies to it.
     import torch
 
     from lensflow.config import PRESETS, SimulatorConfig, preset
@@ -286,20 +310,29 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     if args.config == REFERENCE:
-        config = SimulatorConfig(name=REFERENCE, n_pix=100, pixel_scale_arcsec=0.05,
-                                 upsample_factor=1, psf_fwhm_arcsec=0.1)
+        config = SimulatorConfig(
+            name=REFERENCE,
+            n_pix=100,
+            pixel_scale_arcsec=0.05,
+            upsample_factor=1,
+            psf_fwhm_arcsec=0.1,
+        )
     elif args.config in PRESETS:
         config = preset(args.config)
     else:
         raise SystemExit(f"--config must be {REFERENCE!r} or one of {sorted(PRESETS)}")
     grad_sizes = args.batch_sizes if args.grad_batch_sizes is None else args.grad_batch_sizes
     info = hardware_info(torch, device)
-    print(f"# {info['cpu_model']} ({info['cpu_affinity']} cores), device={device} "
-          f"{info['gpu'] or ''}, torch {info['torch']} ({info['torch_threads']} threads), "
-          f"caustics {info['caustics']}, {args.dtype}, config={config.name}, "
-          f"load {info['loadavg_start'][0]:.2f}", flush=True)
+    print(
+        f"# {info['cpu_model']} ({info['cpu_affinity']} cores), device={device} "
+        f"{info['gpu'] or ''}, torch {info['torch']} ({info['torch_threads']} threads), "
+        f"caustics {info['caustics']}, {args.dtype}, config={config.name}, "
+        f"load {info['loadavg_start'][0]:.2f}",
+        flush=True,
+    )
 
     timer = Timer(torch, device, args)
+    torch.manual_seed(args.seed)  # the noise draw of the observation
     gen = torch.Generator().manual_seed(args.seed)
     n_max = max([*args.batch_sizes, *grad_sizes, args.lenstronomy_images, 1])
     theta_all = Prior(dtype=torch.float64).sample((n_max,), generator=gen)
@@ -328,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     x_obs_raw, sigma_raw = x_obs / pixel_area, sigma / pixel_area
     results: dict = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "config": {**config.__dict__},
+        "config": dataclasses.asdict(config),
         "psf_shape": list(sim.psf.shape),
         "parity_lensflow_vs_caustics_max_rel": max_rel,
         "hardware": info,
@@ -345,15 +378,19 @@ def main(argv: list[str] | None = None) -> int:
 
         def fwd_caustics(cols=cols) -> object:
             with torch.no_grad():
-                return torch.vmap(raw)(cols)
+                return torch.vmap(raw, chunk_size=args.chunk_size)(cols)
 
-        res = timer.robust_compare({"lensflow": fwd_lensflow, "caustics": fwd_caustics},
-                                   f"forward B={b}")
+        res = timer.robust_compare(
+            {"lensflow": fwd_lensflow, "caustics": fwd_caustics}, f"forward B={b}"
+        )
         row = _row(b, res)
         results["forward"].append(row)
-        print(f"forward  B={b:>6}: lensflow {row['lensflow_per_s']:>10.1f}/s, caustics "
-              f"{row['caustics_per_s']:>10.1f}/s, ratio {row['overhead_ratio']:.3f} "
-              f"(load {row['load1_max']:.2f})", flush=True)
+        print(
+            f"forward  B={b:>6}: lensflow {row['lensflow_per_s']:>10.1f}/s, caustics "
+            f"{row['caustics_per_s']:>10.1f}/s, ratio {row['overhead_ratio']:.3f} "
+            f"(load {row['load1_max']:.2f})",
+            flush=True,
+        )
 
     for b in grad_sizes:
         theta, cols = theta_dev[:b], [c[:b] for c in cols_all]
@@ -365,17 +402,21 @@ def main(argv: list[str] | None = None) -> int:
 
         def grad_caustics(cols=cols) -> object:
             leaves = [c.clone().requires_grad_(True) for c in cols]
-            img = torch.vmap(raw)(leaves)
+            img = torch.vmap(raw, chunk_size=args.chunk_size)(leaves)
             (((img - x_obs_raw) / sigma_raw) ** 2).sum().backward()
             return [c.grad for c in leaves]
 
-        res = timer.robust_compare({"lensflow": grad_lensflow, "caustics": grad_caustics},
-                                   f"gradient B={b}")
+        res = timer.robust_compare(
+            {"lensflow": grad_lensflow, "caustics": grad_caustics}, f"gradient B={b}"
+        )
         row = _row(b, res)
         results["gradient"].append(row)
-        print(f"gradient B={b:>6}: lensflow {row['lensflow_per_s']:>10.1f}/s, caustics "
-              f"{row['caustics_per_s']:>10.1f}/s, ratio {row['overhead_ratio']:.3f} "
-              f"(load {row['load1_max']:.2f})", flush=True)
+        print(
+            f"gradient B={b:>6}: lensflow {row['lensflow_per_s']:>10.1f}/s, caustics "
+            f"{row['caustics_per_s']:>10.1f}/s, ratio {row['overhead_ratio']:.3f} "
+            f"(load {row['load1_max']:.2f})",
+            flush=True,
+        )
 
     if args.lenstronomy_images > 0:
         with torch.no_grad():
@@ -385,11 +426,14 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in lt:
             print(f"lenstronomy: skipped ({lt['skipped']})")
         else:
-            print(f"lenstronomy: render_lenstronomy {lt['render_lenstronomy']['images_per_s']:.1f}"
-                  f" images/s, prebuilt ImageModel.image "
-                  f"{lt['image_model_loop']['images_per_s']:.1f} images/s ({lt['n_images']} "
-                  f"images, float64); max|lensflow - lenstronomy|/peak "
-                  f"{lt['parity_max_abs_over_peak']:.1e}", flush=True)
+            print(
+                f"lenstronomy: render_lenstronomy {lt['render_lenstronomy']['images_per_s']:.1f}"
+                f" images/s, prebuilt ImageModel.image "
+                f"{lt['image_model_loop']['images_per_s']:.1f} images/s ({lt['n_images']} "
+                f"images, float64); max|lensflow - lenstronomy|/peak "
+                f"{lt['parity_max_abs_over_peak']:.1e}",
+                flush=True,
+            )
 
     results["hardware"]["loadavg_end"] = os.getloadavg()
     print()
@@ -421,12 +465,16 @@ def markdown_tables(results: dict) -> str:
         if not results[kind]:
             continue
         lines += [
-            f"| batch | lensflow {unit} | raw caustics {unit} | lensflow / caustics time "
-            f"| load (1 min, max) | CPU util lensflow / caustics |",
+            (
+                f"| batch | lensflow {unit} | raw caustics {unit} | lensflow / caustics time "
+                "| load (1 min, max) | CPU util lensflow / caustics |"
+            ),
             "|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results[kind]:
-            flag = " (disturbed)" if r["lensflow"]["disturbed"] or r["caustics"]["disturbed"] else ""
+            flag = (
+                " (disturbed)" if r["lensflow"]["disturbed"] or r["caustics"]["disturbed"] else ""
+            )
             lines.append(
                 f"| {r['batch']} | {r['lensflow_per_s']:,.1f} | {r['caustics_per_s']:,.1f} "
                 f"| {r['overhead_ratio']:.3f}{flag} | {r['load1_max']:.2f} "
@@ -436,17 +484,22 @@ def markdown_tables(results: dict) -> str:
     lt = results.get("lenstronomy")
     if lt and "skipped" not in lt:
         lines += [
-            "| lenstronomy (float64, one image at a time) | images/s | est. FD gradients/s "
-            "| load (1 min, max) |",
+            (
+                "| lenstronomy (float64, one image at a time) | images/s | est. FD gradients/s "
+                "| load (1 min, max) |"
+            ),
             "|---|---:|---:|---:|",
         ]
-        for key, label in (("render_lenstronomy", f"`render_lenstronomy` ({lt['n_images']} "
-                            "images per call)"), ("image_model_loop", "prebuilt "
-                            "`image_model(...).image` loop")):
+        for key, label in (
+            ("render_lenstronomy", f"`render_lenstronomy` ({lt['n_images']} images per call)"),
+            ("image_model_loop", "prebuilt `image_model(...).image` loop"),
+        ):
             r = lt[key]
             # No autodiff: a forward-difference gradient costs 21 + 1 renders.
-            lines.append(f"| {label} | {r['images_per_s']:,.1f} | "
-                         f"{r['images_per_s'] / 22:,.2f} | {max(r['load1']):.2f} |")
+            lines.append(
+                f"| {label} | {r['images_per_s']:,.1f} | "
+                f"{r['images_per_s'] / 22:,.2f} | {max(r['load1']):.2f} |"
+            )
     elif lt:
         lines.append(f"lenstronomy: skipped ({lt['skipped']})")
     return "\n".join(lines)

@@ -47,6 +47,7 @@ __all__ = [
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,8 +295,12 @@ def render_lenstronomy(
     model = image_model(config, psf_kernel=psf_kernel, n_pad=n_pad)
     n = config.n_pix
     images = np.empty((len(values.reshape(-1, len(NAMES))), n, n), dtype=np.float64)
-    for b, row in enumerate(values.reshape(-1, len(NAMES))):
-        kw = to_lenstronomy(row)
-        full = model.image(kw.kwargs_lens, kw.kwargs_source, kw.kwargs_lens_light)
-        images[b] = full[n_pad : n_pad + n, n_pad : n_pad + n]
+    with warnings.catch_warnings():
+        # lenstronomy 1.14's FFT convolution calls np.fft.rfftn(x, s) without axes, which
+        # NumPy 2 deprecates; harmless for 2-D images.
+        warnings.filterwarnings("ignore", "`axes` should not be `None`", DeprecationWarning)
+        for b, row in enumerate(values.reshape(-1, len(NAMES))):
+            kw = to_lenstronomy(row)
+            full = model.image(kw.kwargs_lens, kw.kwargs_source, kw.kwargs_lens_light)
+            images[b] = full[n_pad : n_pad + n, n_pad : n_pad + n]
     return images[0] if values.ndim == 1 else images

@@ -1,0 +1,106 @@
+"""The lensflow command line: help, simulate round trip, user errors without tracebacks."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from astropy import units as u
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from lensflow.cli import main
+from lensflow.config import preset
+from lensflow.params import NAMES, REGISTRY
+from lensflow.simulator import LensSimulator
+
+
+def _table(path, **columns):
+    t = Table(columns)
+    t.write(path, overwrite=True)
+    return path
+
+
+def test_cli_help_and_version(capsys):
+    for argv in (["--help"], ["simulate", "--help"], ["inspect", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    assert "lensflow" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "lensflow.cli", "--version"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("lensflow ")
+
+
+def test_simulate_writes_fits_layout_and_truth(tmp_path):
+    params = _table(tmp_path / "p.ecsv", id=["a", "b", "c"],
+                    lens_theta_e=[1.0, 1.4, 0.8] * u.arcsec,
+                    source_center_x=[100.0, -50.0, 0.0] * u.mas)
+    assert main(["simulate", str(params), "--out", str(tmp_path / "out"), "--preset", "euclid",
+                 "--seed", "3", "--quiet"]) == 0
+    truth = Table.read(tmp_path / "out" / "truth.ecsv")
+    assert list(truth["id"]) == ["a", "b", "c"]
+    for spec in REGISTRY:
+        assert spec.name in truth.colnames
+        assert truth[spec.name].unit == (u.Unit(spec.unit) if spec.unit else None)
+    np.testing.assert_allclose(truth["source_center_x"], [0.1, -0.05, 0.0])
+    cfg = preset("euclid")
+    with fits.open(tmp_path / "out" / "b.fits") as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "NOISE", "PSF"]
+        image, noise = hdul["IMAGE"].data.astype(np.float64), hdul["NOISE"].data
+        assert image.shape == (cfg.n_pix, cfg.n_pix)
+        assert hdul["IMAGE"].header["PIXSCALE"] == pytest.approx(cfg.pixel_scale_arcsec)
+        w = WCS(hdul["IMAGE"].header)
+        assert w.has_celestial
+        np.testing.assert_allclose(proj_plane_pixel_scales(w) * 3600, cfg.pixel_scale_arcsec)
+        assert w.pixel_scale_matrix[0, 0] < 0  # east left: +x (columns) points West
+        assert hdul["PSF"].data.sum() == pytest.approx(1.0)
+    # The image is the simulator's model of the truth plus noise of the stated sigma.
+    theta = torch.tensor([[truth[n][1] for n in NAMES]], dtype=torch.float64)
+    model = LensSimulator(cfg, dtype=torch.float64)(theta)[0].numpy()
+    chi2_per_pixel = np.mean(((image - model) / noise) ** 2)
+    # 4096 pixels: the mean of chi^2_1 has std sqrt(2/4096) = 0.022; float32 storage is exact
+    # enough.
+    assert abs(chi2_per_pixel - 1) < 0.1
+
+
+def test_simulate_is_reproducible_with_seed(tmp_path):
+    params = _table(tmp_path / "p.csv", lens_theta_e=[1.0, 1.2])
+    for run in ("r1", "r2"):
+        assert main(["simulate", str(params), "--out", str(tmp_path / run), "--preset",
+                     "euclid", "--seed", "7", "--quiet"]) == 0
+    a = fits.getdata(tmp_path / "r1" / "lens_00001.fits", "IMAGE")
+    b = fits.getdata(tmp_path / "r2" / "lens_00001.fits", "IMAGE")
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("columns", "match"),
+    [
+        ({"lens_theta_e": [1.0, -1.0]}, "row 1, column lens_theta_e"),
+        ({"lens_theta_e": [1.0, np.nan]}, "row 1, column lens_theta_e"),
+        ({"lens_theta_e": [1.0, 2.0] * u.kg}, "not convertible"),
+        ({"id": ["x", "x"], "lens_theta_e": [1.0, 1.1]}, "duplicates"),
+        ({"id": ["ok", "bad/name"], "lens_theta_e": [1.0, 1.1]}, "file name"),
+    ],
+)
+def test_simulate_bad_table_is_one_line_error(tmp_path, capsys, columns, match):
+    params = _table(tmp_path / "p.ecsv", **columns)
+    assert main(["simulate", str(params), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and str(params) in err
+
+
+def test_simulate_missing_or_unreadable_file(tmp_path, capsys):
+    assert main(["simulate", str(tmp_path / "nope.ecsv"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    junk = tmp_path / "junk.fits"
+    junk.write_bytes(b"not a fits file")
+    assert main(["simulate", str(junk), "--out", str(tmp_path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
