@@ -33,17 +33,38 @@ def test_cli_help_and_version(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "lensflow.cli", "--version"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lensflow.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.startswith("lensflow ")
 
 
 def test_simulate_writes_fits_layout_and_truth(tmp_path):
-    params = _table(tmp_path / "p.ecsv", id=["a", "b", "c"],
-                    lens_theta_e=[1.0, 1.4, 0.8] * u.arcsec,
-                    source_center_x=[100.0, -50.0, 0.0] * u.mas)
-    assert main(["simulate", str(params), "--out", str(tmp_path / "out"), "--preset", "euclid",
-                 "--seed", "3", "--quiet"]) == 0
+    params = _table(
+        tmp_path / "p.ecsv",
+        id=["a", "b", "c"],
+        lens_theta_e=[1.0, 1.4, 0.8] * u.arcsec,
+        source_center_x=[100.0, -50.0, 0.0] * u.mas,
+    )
+    assert (
+        main(
+            [
+                "simulate",
+                str(params),
+                "--out",
+                str(tmp_path / "out"),
+                "--preset",
+                "euclid",
+                "--seed",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     truth = Table.read(tmp_path / "out" / "truth.ecsv")
     assert list(truth["id"]) == ["a", "b", "c"]
     for spec in REGISTRY:
@@ -73,8 +94,22 @@ def test_simulate_writes_fits_layout_and_truth(tmp_path):
 def test_simulate_is_reproducible_with_seed(tmp_path):
     params = _table(tmp_path / "p.csv", lens_theta_e=[1.0, 1.2])
     for run in ("r1", "r2"):
-        assert main(["simulate", str(params), "--out", str(tmp_path / run), "--preset",
-                     "euclid", "--seed", "7", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "simulate",
+                    str(params),
+                    "--out",
+                    str(tmp_path / run),
+                    "--preset",
+                    "euclid",
+                    "--seed",
+                    "7",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     a = fits.getdata(tmp_path / "r1" / "lens_00001.fits", "IMAGE")
     b = fits.getdata(tmp_path / "r2" / "lens_00001.fits", "IMAGE")
     np.testing.assert_array_equal(a, b)
