@@ -335,8 +335,8 @@ def _choose_scale(
     where = meta["image_path"]
     if explicit is None and found is None:
         raise ObservationError(
-            f"{where}: no pixel scale in the file (no celestial WCS or "
-            "PIXSCALE keyword); pass pixel_scale_arcsec, e.g. 0.05"
+            f"{where}: no pixel scale in the file (no celestial WCS or PIXSCALE keyword); "
+            "pass pixel_scale_arcsec (--pixel-scale on the command line), e.g. 0.05"
         )
     if explicit is not None and not (math.isfinite(explicit) and explicit > 0):
         raise ObservationError(f"{where}: pixel_scale_arcsec={explicit!r} must be > 0")
@@ -491,7 +491,8 @@ def read_fits(
                     f"{where}: bands {', '.join(table)} in the file; pass band="
                 )
             key = "VIS" if len(table) > 1 else next(iter(table))
-            meta["band_note"] = f"{key} chosen by default among {', '.join(table)}"
+            if len(table) > 1:
+                meta["band_note"] = f"VIS chosen by default among {', '.join(table)}"
         elif table and key not in table:
             raise ObservationError(f"{where}: no band {band!r}; bands: {', '.join(table)}")
         roles = table.get(key or "", {})
