@@ -65,6 +65,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_value(value: object) -> str:
+    """Floats to 4 significant digits, also inside lists and tuples."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return " x ".join(_format_value(v) for v in value)
+    return str(value)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from lensflow.observation import load_observation, summarize
     from lensflow.plots import plot_observation
@@ -81,12 +90,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     summary = summarize(obs)
     width = max(len(k) for k in summary)
     for key, value in summary.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else value
-        print(f"{key:<{width}}  {shown}")
+        print(f"{key:<{width}}  {_format_value(value)}")
     out = Path(args.out) if args.out else Path(Path(args.image).name.split(".")[0] + ".png")
     plot_observation(obs, out)
     print(f"wrote {out}")
     return 0
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args, **kwargs) -> None:
+    print(f"lensflow: warning: {message}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            # Repairs (a PSF normalized, sentinel pixels masked) are one line each for users.
+            warnings.showwarning = _show_warning
             return args.func(args)
     except (ValueError, OSError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -73,8 +73,8 @@ class SimulatorConfig:
 
 #: Instrument presets. See docs/presets.md for how they were chosen.
 PRESETS: dict[str, SimulatorConfig] = {
-    # HST ACS/WFC3-UVIS drizzled to 0.05"/px; F814W PSF FWHM ~0.09" (the SLACS PSFs in
-    # shared/ measure 1.77-1.87 px); blank-sky RMS 0.006 ct/s/px, ~1000 s exposures.
+    # HST ACS/WFC3-UVIS drizzled to 0.05"/px; optical PSF FWHM ~0.09" (the HST PSFs in
+    # shared/ fit 0.05-0.10"); noise 0.002-0.0096 ct/s/px (median 0.006), ~1000 s exposures.
     "hst": SimulatorConfig(
         name="hst",
         n_pix=100,
@@ -84,15 +84,15 @@ PRESETS: dict[str, SimulatorConfig] = {
         background_rms=0.006,
         exposure_time_s=1000.0,
     ),
-    # Euclid VIS MER mosaics at 0.1"/px; PSF FWHM ~0.17"; RMS 0.0042 per pixel (Q1 cutouts
-    # in shared/), 4 x 560 s dithers.
+    # Euclid VIS MER mosaics at 0.1"/px; the Q1 VIS PSFs in shared/ fit Gaussians of FWHM
+    # 0.18-0.22"; RMS maps 0.0036-0.0044 per pixel; 4 x 560 s dithers.
     "euclid": SimulatorConfig(
         name="euclid",
         n_pix=64,
         pixel_scale_arcsec=0.1,
         upsample_factor=2,
-        psf_fwhm_arcsec=0.17,
-        background_rms=0.0042,
+        psf_fwhm_arcsec=0.20,
+        background_rms=0.004,
         exposure_time_s=2240.0,
     ),
 }

@@ -362,8 +362,9 @@ def _band_table(hdul: fits.HDUList) -> dict[str, dict[str, int]]:
     """``{band: {role: hdu index}}`` from EXTNAMEs ``<BAND>_<KIND>``, for bands with an image."""
     table: dict[str, dict[str, int]] = {}
     for i, hdu in enumerate(hdul):
+        # An un-prefixed EXTNAME (IMAGE, NOISE, PSF: lensflow simulate's layout) is band "".
         band, _, kind = hdu.name.upper().rpartition("_")
-        if band and kind in _ROLES:
+        if kind in _ROLES:
             roles = table.setdefault(band, {})
             old = roles.get(_ROLES[kind])
             if old is None or (  # keep the preferred image kind, e.g. BGSUB over FLUX

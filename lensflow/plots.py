@@ -44,8 +44,8 @@ def plot_observation(obs: Observation, path: str | Path, *, title: str | None = 
     sigma = obs.sigma.detach().cpu().double().numpy()
     mask = obs.mask.detach().cpu().numpy()
     psf = obs.psf.detach().cpu().double().numpy()
-    half = obs.fov_arcsec / 2
-    extent = (-half, half, -half, half)
+    height, width = obs.fov_arcsec
+    extent = (-width / 2, width / 2, -height / 2, height / 2)
     shown = np.where(mask, image, np.nan)
     snr = np.where(mask, image / sigma, np.nan)
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), constrained_layout=True)

@@ -13,7 +13,7 @@ import torch
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from lensflow.config import SimulatorConfig
+from lensflow.config import PRESETS, SimulatorConfig
 from lensflow.observation import (
     Observation,
     ObservationError,
@@ -108,8 +108,8 @@ REAL = {
 
 
 def _load(real_lenses, files: dict, **extra) -> Observation:
-    paths = {k: real_lenses / v if k in ("image", "noise", "psf", "mask") else v
-             for k, v in files.items()}  # fmt: skip
+    roles = ("image", "noise", "psf", "mask")
+    paths = {k: real_lenses / v if k in roles else v for k, v in files.items()}
     return load_observation(**paths, **extra)
 
 
@@ -564,8 +564,6 @@ def test_cut_to_fov_updates_wcs(tmp_path, files):
 
 
 def test_cut_to_fov_real_cutouts_to_presets(real_lenses):
-    from lensflow.config import PRESETS
-
     slacs = _load(real_lenses, REAL["SDSSJ2303"][0])
     hst = cut_to_fov(slacs, PRESETS["hst"])
     assert hst.shape == (100, 100) and hst.pixel_scale_arcsec == 0.05 and hst.psf.shape == (61, 61)
