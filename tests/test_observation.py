@@ -14,10 +14,10 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from lensflow.config import PRESETS, SimulatorConfig
+from lensflow.cutouts import cut_to_fov
 from lensflow.observation import (
     Observation,
     ObservationError,
-    cut_to_fov,
     load_observation,
     read_fits,
     read_hdf5,
