@@ -230,6 +230,22 @@ class LensSimulator(nn.Module):
         images = images * self._pixel_area
         return images[0] if single else images.reshape(*theta.shape[:-1], *self.image_shape)
 
+    def log_likelihood(
+        self, theta: Tensor, x_obs: Tensor, sigma: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        """Gaussian log-likelihood of an observed image given parameters, batched.
+
+        Args:
+            theta: Physical parameters, shape ``(B, 21)`` or ``(21,)``.
+            x_obs: Observed image, shape ``(H, W)``, flux per pixel.
+            sigma: Per-pixel noise std, shape ``(H, W)``, > 0.
+            mask: Optional bool mask ``(H, W)``; True = pixel used.
+
+        Returns:
+            Log-likelihood, shape ``(B,)`` or ``()`` (see :func:`log_likelihood`).
+        """
+        return log_likelihood(self(theta), x_obs, sigma, mask)
+
 
 @dataclass(frozen=True)
 class NoiseModel:

@@ -300,6 +300,19 @@ def test_chi2_at_truth_is_pixel_count_on_average():
     assert abs(c.mean().item() - 576) < 20
 
 
+def test_simulator_log_likelihood_peaks_at_truth_and_matches_function():
+    sim = LensSimulator(SMALL, dtype=torch.float64)
+    theta = theta_asymmetric()
+    model = sim(theta)
+    sigma = torch.full_like(model, 0.01)
+    mask = torch.ones_like(model, dtype=torch.bool)
+    mask[:3] = False
+    shifted = with_values(theta, lens_theta_e=1.15)
+    ll = sim.log_likelihood(torch.stack([theta, shifted]), model, sigma, mask)
+    assert ll.shape == (2,) and ll[0] > ll[1]
+    torch.testing.assert_close(ll[1], log_likelihood(sim(shifted), model, sigma, mask))
+
+
 def test_likelihood_mask_and_normalization():
     model = torch.zeros(2, 4, 4, dtype=torch.float64)
     data = torch.ones(4, 4, dtype=torch.float64)
