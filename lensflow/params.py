@@ -37,6 +37,7 @@ __all__ = [
     "NAMES",
     "REGISTRY",
     "ParamSpec",
+    "UnconstrainedTransform",
     "e1e2_to_qphi",
     "from_caustics",
     "from_unconstrained",
@@ -508,3 +509,43 @@ def from_unconstrained(u: Tensor, specs: Sequence[ParamSpec] = REGISTRY) -> Tens
     loc, scale = unconstrained_stats(tuple(specs))
     y = u * scale.to(u) + loc.to(u)
     return torch.stack([_from_real(y[..., i], p) for i, p in enumerate(specs)], dim=-1)
+
+
+def _log_dreal(x: Tensor, p: ParamSpec) -> Tensor:
+    """log of d(_to_real)/dx, elementwise."""
+    if math.isinf(p.high):
+        return -torch.log(x)
+    return math.log(p.high - p.low) - torch.log(x - p.low) - torch.log(p.high - x)
+
+
+class UnconstrainedTransform:
+    """``to_unconstrained`` as an object with its log-Jacobian (what ``FlowPosterior`` takes).
+
+    Args:
+        specs: The parameter registry.
+
+    Example:
+        >>> from lensflow.prior import Prior
+        >>> tr = UnconstrainedTransform()
+        >>> theta = Prior(dtype=torch.float64).sample((2,))
+        >>> torch.allclose(tr.from_u(tr.to_u(theta)), theta)
+        True
+    """
+
+    def __init__(self, specs: Sequence[ParamSpec] = REGISTRY) -> None:
+        self.specs = tuple(specs)
+
+    def to_u(self, theta: Tensor) -> Tensor:
+        """Physical ``(..., D)`` -> standardized unconstrained ``(..., D)``."""
+        return to_unconstrained(theta, self.specs)
+
+    def from_u(self, u: Tensor) -> Tensor:
+        """Standardized unconstrained ``(..., D)`` -> physical ``(..., D)``."""
+        return from_unconstrained(u, self.specs)
+
+    def log_abs_det(self, theta: Tensor) -> Tensor:
+        """``log |det du/dtheta|``, shape ``(...)``, for physical ``theta`` ``(..., D)``."""
+        _check_width(theta, self.specs)
+        _, scale = unconstrained_stats(self.specs)
+        terms = torch.stack([_log_dreal(theta[..., i], p) for i, p in enumerate(self.specs)], -1)
+        return terms.sum(-1) - torch.log(scale.to(theta)).sum()
