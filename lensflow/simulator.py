@@ -124,8 +124,10 @@ class LensSimulator(nn.Module):
             with ``k`` odd; replaces the Gaussian. Normalized internally.
         dtype: Floating dtype of the simulation.
         device: Device of the simulation.
-        chunk_size: Images simulated per vmap chunk (``None``: the whole batch at once);
-            lowers peak memory for large batches.
+        chunk_size: Images simulated per vmap chunk. ``None`` picks one: on CPU, chunks whose
+            intermediates stay under 16 MiB (glibc serves larger allocations with fresh
+            mmap'ed pages, which made batch 1000 4-5x slower per image than batch 100; see
+            docs/benchmarks.md); on GPU, the whole batch.
 
     Example:
         >>> from lensflow.config import preset
@@ -146,7 +148,6 @@ class LensSimulator(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.chunk_size = chunk_size
         up = config.upsample_factor
         if psf_kernel is not None:
             psf = supersample_psf(torch.as_tensor(psf_kernel, dtype=torch.float64), up)
@@ -192,6 +193,10 @@ class LensSimulator(nn.Module):
         )
         cs._grid = tuple(g[..., None].to(device=device, dtype=dtype) for g in (gx, gy))
         self.register_buffer("psf", psf.to(device=device, dtype=dtype), persistent=False)
+        if chunk_size is None and torch.device(device).type == "cpu":
+            n_fine = config.n_pix * up + psf.shape[0] - 1  # caustics' PSF-padded fine grid
+            chunk_size = max(16, 2**24 // (n_fine**2 * torch.finfo(dtype).bits // 8))
+        self.chunk_size = chunk_size
         self._pixel_area = config.pixel_scale_arcsec**2
         self._dtype = dtype
         self._check_param_order()
