@@ -15,6 +15,7 @@ column index increases towards the West, so lensflow's +x points West
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from torch import Tensor
 from lensflow.config import SimulatorConfig
 from lensflow.params import NAMES, REGISTRY
 from lensflow.prior import Prior
-from lensflow.simulator import LensSimulator, NoiseModel, gaussian_psf
+from lensflow.simulator import LensSimulator, NoiseModel, fine_psf
 
 __all__ = ["ParamTable", "read_param_table", "simulate_mocks", "write_mock_fits"]
 
@@ -213,13 +214,7 @@ def simulate_mocks(
     out_dir.mkdir(parents=True, exist_ok=True)
     sim = LensSimulator(config, dtype=torch.float64)
     noise = NoiseModel.from_config(config)
-    psf = (
-        gaussian_psf(
-            config.psf_fwhm_arcsec, config.pixel_scale_arcsec, truncation=config.psf_truncation
-        )
-        if config.psf_fwhm_arcsec > 0
-        else torch.ones(1, 1, dtype=torch.float64)
-    )
+    psf = fine_psf(dataclasses.replace(config, upsample_factor=1))  # native pixel scale
     files, snrs = [], []
     for start in range(0, len(table.ids), batch_size):
         theta = table.theta[start : start + batch_size]

@@ -39,6 +39,7 @@ __all__ = [
     "LensSimulator",
     "NoiseModel",
     "chi2",
+    "fine_psf",
     "gaussian_psf",
     "log_likelihood",
     "supersample_psf",
@@ -115,6 +116,26 @@ def supersample_psf(kernel: Tensor, factor: int) -> Tensor:
     return fine / fine.sum()
 
 
+def fine_psf(config: SimulatorConfig, psf_kernel: Tensor | None = None) -> Tensor:
+    """The PSF kernel the simulator convolves with, at the supersampled pixel scale.
+
+    Args:
+        config: Pixel grid, supersampling and Gaussian FWHM (used without ``psf_kernel``).
+        psf_kernel: Optional kernel at the native pixel scale, shape ``(k, k)``, ``k`` odd.
+
+    Returns:
+        Kernel of unit sum, float64, shape ``(m, m)`` with ``m`` odd; ``(1, 1)`` ones (no
+        PSF) when ``config.psf_fwhm_arcsec == 0`` and no kernel is given.
+    """
+    up = config.upsample_factor
+    if psf_kernel is not None:
+        return supersample_psf(torch.as_tensor(psf_kernel, dtype=torch.float64), up)
+    if config.psf_fwhm_arcsec > 0:
+        return gaussian_psf(config.psf_fwhm_arcsec, config.pixel_scale_arcsec / up,
+                            truncation=config.psf_truncation)  # fmt: skip
+    return torch.ones(1, 1, dtype=torch.float64)  # caustics' "no PSF"
+
+
 class LensSimulator(nn.Module):
     """Noiseless SIE + shear + Sersic source + Sersic lens light images from caustics.
 
@@ -149,16 +170,7 @@ class LensSimulator(nn.Module):
         super().__init__()
         self.config = config
         up = config.upsample_factor
-        if psf_kernel is not None:
-            psf = supersample_psf(torch.as_tensor(psf_kernel, dtype=torch.float64), up)
-        elif config.psf_fwhm_arcsec > 0:
-            psf = gaussian_psf(
-                config.psf_fwhm_arcsec,
-                config.pixel_scale_arcsec / up,
-                truncation=config.psf_truncation,
-            )
-        else:
-            psf = torch.ones(1, 1, dtype=torch.float64)  # caustics' "no PSF"
+        psf = fine_psf(config, psf_kernel)
         with warnings.catch_warnings():
             # caustics' FlatLambdaCDM triggers a NumPy 2 __array_wrap__ DeprecationWarning.
             warnings.simplefilter("ignore", DeprecationWarning)

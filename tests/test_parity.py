@@ -17,7 +17,6 @@ pytest.importorskip("lenstronomy")
 
 from lensflow.baselines.lenstronomy import (
     LenstronomyKwargs,
-    _fine_psf,
     from_lenstronomy,
     image_model,
     psf_pad_pix,
@@ -27,7 +26,7 @@ from lensflow.baselines.lenstronomy import (
 from lensflow.config import SimulatorConfig, preset
 from lensflow.params import NAMES, REGISTRY, qphi_to_e1e2, to_caustics
 from lensflow.prior import Prior
-from lensflow.simulator import LensSimulator
+from lensflow.simulator import LensSimulator, fine_psf
 
 pytestmark = [
     pytest.mark.parity,
@@ -357,13 +356,15 @@ def test_psf_kernel_is_indexed_row_y_col_x_and_not_flipped():
 
 @pytest.mark.parametrize("case", ["gaussian-up2", "gaussian-up1", "kernel-up2", "kernel-up1",
                                   "kernel-up3", "none"])  # fmt: skip
-def test_fine_psf_is_the_simulator_kernel(case):
+def test_psf_pad_pix_covers_the_simulator_kernel(case):
+    # The adapter renders with lenstronomy the kernel LensSimulator convolves with, and pads
+    # by its half-width in native pixels.
     up = int(case[-1]) if case[-1].isdigit() else 2
     config = SimulatorConfig(n_pix=16, upsample_factor=up,
                              psf_fwhm_arcsec=0.0 if case == "none" else 0.09)  # fmt: skip
     kernel = _asymmetric_kernel(9, 1.0) if case.startswith("kernel") else None
     sim = LensSimulator(config, kernel, dtype=F64)
-    fine = _fine_psf(config, kernel)
+    fine = fine_psf(config, kernel).numpy()
     np.testing.assert_array_equal(fine, sim.psf.numpy())
     assert psf_pad_pix(config, psf_kernel=kernel) == math.ceil((fine.shape[0] // 2) / up)
 

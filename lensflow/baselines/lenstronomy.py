@@ -57,7 +57,7 @@ from torch import Tensor
 
 from lensflow.config import SimulatorConfig
 from lensflow.params import NAMES, REGISTRY
-from lensflow.simulator import gaussian_psf, supersample_psf
+from lensflow.simulator import fine_psf
 
 try:
     from lenstronomy.Data.imaging_data import ImageData
@@ -174,25 +174,6 @@ def from_lenstronomy(kwargs: LenstronomyKwargs) -> np.ndarray:
     return values
 
 
-def _fine_psf(config: SimulatorConfig, psf_kernel: Tensor | np.ndarray | None) -> np.ndarray:
-    """The kernel ``LensSimulator`` convolves with, at the supersampled pixel scale.
-
-    Mirrors ``LensSimulator.__init__``; ``(1, 1)`` ones means no PSF.
-    """
-    up = config.upsample_factor
-    if psf_kernel is not None:
-        fine = supersample_psf(torch.as_tensor(psf_kernel, dtype=torch.float64), up)
-    elif config.psf_fwhm_arcsec > 0:
-        fine = gaussian_psf(
-            config.psf_fwhm_arcsec,
-            config.pixel_scale_arcsec / up,
-            truncation=config.psf_truncation,
-        )
-    else:
-        fine = torch.ones(1, 1, dtype=torch.float64)
-    return fine.numpy()
-
-
 def psf_pad_pix(config: SimulatorConfig, *, psf_kernel: Tensor | np.ndarray | None = None) -> int:
     """Native pixels to pad each side so lenstronomy's edge pixels see the whole PSF.
 
@@ -204,7 +185,7 @@ def psf_pad_pix(config: SimulatorConfig, *, psf_kernel: Tensor | np.ndarray | No
     Returns:
         ``ceil(half-width of the fine kernel / upsample_factor)``; 0 without a PSF.
     """
-    half_fine = _fine_psf(config, psf_kernel).shape[0] // 2
+    half_fine = fine_psf(config, psf_kernel).shape[0] // 2
     return math.ceil(half_fine / config.upsample_factor)
 
 
@@ -234,7 +215,7 @@ def image_model(
     if n_pad < 0:
         raise ValueError(f"n_pad must be >= 0, got {n_pad}")
     up = config.upsample_factor
-    fine = _fine_psf(config, psf_kernel)
+    fine = fine_psf(config, psf_kernel).numpy()
     if fine.shape == (1, 1):
         psf = PSF(psf_type="NONE")
     else:
