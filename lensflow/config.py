@@ -14,7 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["PRESETS", "SimulatorConfig", "load_config", "preset", "run_provenance", "to_toml"]
+__all__ = [
+    "DATA_PRESETS",
+    "PRESETS",
+    "DataConfig",
+    "FlowConfig",
+    "SampleConfig",
+    "SimulatorConfig",
+    "TrainConfig",
+    "data_preset",
+    "load_config",
+    "preset",
+    "run_provenance",
+    "to_toml",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +129,190 @@ def preset(name: str) -> SimulatorConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Ranges of seeing and depth that simulated training pairs are drawn from.
+
+    Each example draws its PSF FWHM uniformly from a grid of ``n_psf_grid`` values spanning
+    ``[psf_fwhm_min_arcsec, psf_fwhm_max_arcsec]`` (one simulator per grid value: the
+    caustics PSF is fixed at construction), and its background RMS and exposure time
+    log-uniformly from their ranges. Defaults are the ``euclid`` preset's ranges.
+
+    Attributes:
+        psf_fwhm_min_arcsec: Smallest Gaussian PSF FWHM, arcsec.
+        psf_fwhm_max_arcsec: Largest Gaussian PSF FWHM, arcsec.
+        n_psf_grid: Number of FWHM grid values (1 uses ``psf_fwhm_min_arcsec`` only).
+        background_rms_min: Smallest background RMS per pixel, image units.
+        background_rms_max: Largest background RMS per pixel, image units.
+        exposure_time_min_s: Shortest exposure for the Poisson term, s.
+        exposure_time_max_s: Longest exposure for the Poisson term, s.
+    """
+
+    psf_fwhm_min_arcsec: float = 0.16
+    psf_fwhm_max_arcsec: float = 0.24
+    n_psf_grid: int = 5
+    background_rms_min: float = 0.003
+    background_rms_max: float = 0.005
+    exposure_time_min_s: float = 1500.0
+    exposure_time_max_s: float = 3000.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "psf_fwhm_min_arcsec": 0 < self.psf_fwhm_min_arcsec <= self.psf_fwhm_max_arcsec,
+            "n_psf_grid": self.n_psf_grid >= 1,
+            "background_rms_min": 0 < self.background_rms_min <= self.background_rms_max,
+            "exposure_time_min_s": 0 < self.exposure_time_min_s <= self.exposure_time_max_s,
+        }
+        for field, ok in checks.items():
+            if not ok:
+                raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} is invalid")
+
+    @property
+    def reference_rms(self) -> float:
+        """Geometric mean of the RMS range: the noise scale of the network input."""
+        return math.sqrt(self.background_rms_min * self.background_rms_max)
+
+
+#: Training ranges per preset (docs/training.md): they bracket the real cutouts measured in
+#: docs/presets.md.
+DATA_PRESETS: dict[str, DataConfig] = {
+    "hst": DataConfig(
+        psf_fwhm_min_arcsec=0.05,
+        psf_fwhm_max_arcsec=0.12,
+        n_psf_grid=8,
+        background_rms_min=0.002,
+        background_rms_max=0.01,
+        exposure_time_min_s=500.0,
+        exposure_time_max_s=2000.0,
+    ),
+    "euclid": DataConfig(),
+}
+
+
+def data_preset(name: str) -> DataConfig:
+    """Training ranges of a preset (a custom simulator name gets the ``DataConfig`` defaults).
+
+    Args:
+        name: ``"hst"``, ``"euclid"`` or any other label.
+
+    Returns:
+        The data configuration.
+    """
+    return DATA_PRESETS.get(name, DataConfig())
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowConfig:
+    """Network and path of the flow-matching posterior (``checkpoint.build_posterior``).
+
+    Attributes:
+        embed_dim: Image embedding size.
+        base_channels: Channels of the encoder's first stage.
+        n_stages: Encoder resolution stages.
+        width: Residual MLP width.
+        n_blocks: Residual MLP blocks.
+        time_dim: Sinusoidal time embedding size.
+        sigma_min: Width of the OT path at t = 1.
+        alpha: Time warp exponent (0 = uniform; larger trains more near t = 1).
+        n_steps: Default ODE steps when sampling.
+        solver: Default ODE solver (``euler``, ``midpoint``, ``heun``, ``rk4``).
+    """
+
+    embed_dim: int = 128
+    base_channels: int = 16
+    n_stages: int = 4
+    width: int = 256
+    n_blocks: int = 3
+    time_dim: int = 64
+    sigma_min: float = 1e-4
+    alpha: float = 0.0
+    n_steps: int = 32
+    solver: str = "midpoint"
+
+    def __post_init__(self) -> None:
+        for field in ("embed_dim", "base_channels", "n_stages", "width", "n_blocks", "n_steps"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"FlowConfig.{field}={getattr(self, field)!r} must be >= 1")
+        if self.time_dim < 2 or self.time_dim % 2:
+            raise ValueError(f"FlowConfig.time_dim={self.time_dim!r} must be even and >= 2")
+        if not 0 <= self.sigma_min < 1 or self.alpha < 0:
+            raise ValueError(f"FlowConfig: sigma_min={self.sigma_min!r}, alpha={self.alpha!r}")
+        if self.solver not in ("euler", "midpoint", "heun", "rk4"):
+            raise ValueError(f"FlowConfig.solver={self.solver!r} is unknown")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimization of the base flow (``train.fit``).
+
+    Attributes:
+        n_steps: Optimizer steps (the learning-rate schedule spans them).
+        batch_size: Examples per step (per process under DDP).
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup steps before the cosine decay to 0.
+        grad_clip: Maximum global gradient norm.
+        ema_decay: Decay of the exponential moving average of the weights.
+        val_every: Steps between validation losses (and at the end).
+        n_val: Size of the fixed held-out validation set.
+        checkpoint_every: Steps between resumable checkpoints (and at the end).
+        seed: Seed of initialization, data and loss noise.
+    """
+
+    n_steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    val_every: int = 200
+    n_val: int = 256
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "n_steps": self.n_steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "grad_clip": self.grad_clip > 0,
+            "ema_decay": 0 <= self.ema_decay < 1,
+            "val_every": self.val_every >= 1,
+            "n_val": self.n_val >= 1,
+            "checkpoint_every": self.checkpoint_every >= 1,
+        }
+        for field, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r} is invalid")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """Posterior sampling (``sampling.sample_posterior``).
+
+    Attributes:
+        n_samples: Posterior samples per observation.
+        n_steps: ODE steps.
+        solver: ODE solver name.
+        seed: Seed of the base noise.
+    """
+
+    n_samples: int = 1000
+    n_steps: int = 32
+    solver: str = "midpoint"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.n_steps < 1:
+            raise ValueError(
+                f"SampleConfig: n_samples={self.n_samples!r}, n_steps={self.n_steps!r} "
+                "must be >= 1"
+            )
+
+
 T = TypeVar("T")
 
 
@@ -137,7 +334,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         path: Path to a TOML file.
 
     Returns:
-        Mapping from stage name (``"simulator"``) to its frozen configuration.
+        Mapping from stage name (``"simulator"``, and ``"data"``, ``"flow"``, ``"train"``,
+        ``"sample"`` when the file has those tables) to its frozen configuration.
 
     Raises:
         ValueError: On unknown tables or keys, naming the file.
@@ -147,7 +345,13 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ValueError(f"{path}: cannot read config: {err}") from None
-    stages = {"simulator": SimulatorConfig}
+    stages = {
+        "simulator": SimulatorConfig,
+        "data": DataConfig,
+        "flow": FlowConfig,
+        "train": TrainConfig,
+        "sample": SampleConfig,
+    }
     unknown = sorted(set(raw) - set(stages))
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {unknown}; known: {sorted(stages)}")
@@ -157,6 +361,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
     out["simulator"] = _build(
         SimulatorConfig, {**dataclasses.asdict(base), **sim}, f"{path} [simulator]"
     )
+    # The other stages appear only when the file has their table; [data] may start from a
+    # preset's training ranges like [simulator] does.
+    for stage in ("data", "flow", "train", "sample"):
+        if stage in raw:
+            values = dict(raw[stage])
+            base_values = {}
+            if stage == "data" and "preset" in values:
+                base_values = dataclasses.asdict(data_preset(str(values.pop("preset"))))
+            out[stage] = _build(stages[stage], {**base_values, **values}, f"{path} [{stage}]")
     return out
 
 
