@@ -97,6 +97,95 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from lensflow.config import (
+        FlowConfig,
+        TrainConfig,
+        data_preset,
+        load_config,
+        preset,
+        run_provenance,
+        to_toml,
+    )
+    from lensflow.train import train_model
+
+    configs = load_config(args.config) if args.config else {"simulator": preset(args.preset)}
+    sim = configs["simulator"]
+    data = configs.get("data", data_preset(sim.name))
+    flow = configs.get("flow", FlowConfig())
+    overrides = {"n_steps": args.steps, "batch_size": args.batch_size, "seed": args.seed}
+    train = dataclasses.replace(
+        configs.get("train", TrainConfig()),
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "LOCAL_RANK" in os.environ:  # launched by torchrun: one process per device
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"simulator": sim, "data": data, "flow": flow, "train": train}
+    provenance = run_provenance(train.seed, resolved)
+    provenance["command"] = "lensflow " + " ".join(sys.argv[1:])
+    result = train_model(sim, data, flow, train, out_dir=out, device=device,
+                         pairs_path=args.data, resume=args.resume, progress=not args.quiet,
+                         provenance=provenance)  # fmt: skip
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    (out / "config.toml").write_text(to_toml(resolved))
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    val = f", validation loss {result.val_loss[-1]:.4f}" if result.val_loss else ""
+    print(f"trained {result.steps} steps in {result.wall_time_s:.0f} s{val}; wrote {out}/model.*")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from lensflow.checkpoint import load_model, model_path
+    from lensflow.config import SampleConfig, run_provenance
+    from lensflow.observation import load_observation
+    from lensflow.sampling import sample_posterior, samples_table, summary_table
+
+    config = SampleConfig(n_samples=args.n, n_steps=args.n_steps, seed=args.seed)
+    obs = load_observation(
+        args.image,
+        noise=args.noise,
+        weight=args.weight,
+        psf=args.psf,
+        pixel_scale_arcsec=args.pixel_scale,
+        band=args.band,
+        mask=args.mask,
+    )
+    model = load_model(args.model)
+    generator = torch.Generator().manual_seed(config.seed)
+    samples = sample_posterior(obs, model, config.n_samples, n_steps=config.n_steps,
+                               solver=config.solver, generator=generator)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table, summary = samples_table(samples), summary_table(samples)
+    for t in (table, summary):
+        t.meta.update({"observation": obs.name, "model": str(model_path(args.model))})
+    table.write(out / "samples.ecsv", overwrite=True)
+    summary.write(out / "summary.ecsv", overwrite=True)
+    provenance = run_provenance(config.seed, {"sample": config, "simulator": model.simulator})
+    provenance |= {"observation": str(args.image), "model": str(model_path(args.model)),
+                   "model_training": model.meta.get("training", {})}  # fmt: skip
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"wrote {config.n_samples} samples of {obs.name or args.image} to {out}/samples.ecsv")
+    return 0
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *args, **kwargs) -> None:
     print(f"lensflow: warning: {message}", file=sys.stderr)
 
@@ -140,6 +229,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_observation_args(p)
     p.add_argument("--out", metavar="FILE", help="figure path (default: <image name>.png)")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "train",
+        help="train a flow-matching posterior on simulated lenses",
+        description="Train the base flow on lenses simulated on the fly (or read from an HDF5 "
+        "set) and write OUT/model.safetensors + model.json, the resolved config and "
+        "provenance. Training state is checkpointed in OUT; --resume continues it. "
+        "Under torchrun each process trains on its own device (DDP).",
+    )
+    p.add_argument(
+        "--preset", default="hst", choices=sorted(PRESETS), help="instrument preset (default: hst)"
+    )
+    p.add_argument("--config", metavar="TOML", help="config file ([simulator], [data], [flow], "
+                   "[train] tables); replaces --preset")  # fmt: skip
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and output folder")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
+    p.add_argument("--batch-size", type=int, help="examples per step and process")
+    p.add_argument("--seed", type=int, help="seed of initialization, data and noise")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--data", metavar="H5", help="train on a stored simulated set (HDF5)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "sample",
+        help="draw posterior samples of an observed lens",
+        description="Cut the observation to the model's field of view, sample the posterior "
+        "and write OUT/samples.ecsv (one column per parameter, units in the "
+        "header), OUT/summary.ecsv (median, 16th and 84th percentiles) and "
+        "OUT/provenance.json.",
+    )
+    _add_observation_args(p)
+    p.add_argument("--model", required=True, metavar="PRESET_OR_PATH",
+                   help="shipped model name (euclid, hst) or a model path")  # fmt: skip
+    p.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
+    p.add_argument("--n-steps", type=int, default=32, help="ODE steps (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=_cmd_sample)
     return parser
 
 

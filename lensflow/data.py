@@ -1,0 +1,378 @@
+"""Stage 3: training data for the posterior: the network input, simulated and stored pairs.
+
+``network_input`` is the *only* way an image becomes what the image encoder sees, used by
+training (``SimulatedPairs``, ``H5Pairs``) and by sampling real data
+(``observation_input``), so the two cannot drift apart. Its four channels, shape
+``(B, 4, H, W)``:
+
+0. ``asinh(image / s)``, with ``s`` the median noise sigma over unmasked pixels of that
+   image (a robust per-image noise scale): the image in units of its own background noise,
+   compressed above S/N ~ 1 so bright lens light does not swamp the arcs;
+1. ``log(sigma / reference_rms)``: the noise map against a fixed per-model scale, which
+   carries the absolute flux scale (for the amplitudes) and the Poisson structure, so one
+   model serves different depths;
+2. the mask (1 = pixel used);
+3. the PSF FWHM in pixels divided by 2, constant over the image (the PSF conditioning).
+
+Masked pixels are zero in every channel. ``reference_rms`` is stored with each model.
+
+``SimulatedPairs`` draws ``(theta, x)`` on the fly on the simulator's device with fresh
+noise for every example. The PSF width varies per example over a grid of
+``DataConfig.n_psf_grid`` FWHM values (one ``LensSimulator`` per value, because caustics
+fixes the PSF at construction; each example picks a grid value uniformly), and the noise
+level varies continuously: background RMS and exposure time are log-uniform over the
+``DataConfig`` ranges. Noise per pixel is ``sqrt(rms^2 + max(model, 0) / exposure)``,
+``simulator.NoiseModel``'s formula with per-example values.
+
+``write_pairs`` / ``H5Pairs`` store a fixed simulated set in HDF5 (numpy appears here only,
+at that I/O edge) for CPU work and exact reproducibility.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from lensflow.config import DataConfig, SimulatorConfig
+from lensflow.observation import Observation
+from lensflow.params import NAMES
+from lensflow.prior import Prior
+from lensflow.simulator import LensSimulator
+
+__all__ = [
+    "N_CHANNELS",
+    "H5Pairs",
+    "Pairs",
+    "SimulatedPairs",
+    "network_input",
+    "observation_input",
+    "write_pairs",
+]
+
+#: Channels of :func:`network_input`.
+N_CHANNELS = 4
+
+
+def network_input(
+    image: Tensor,
+    sigma: Tensor,
+    mask: Tensor,
+    psf_fwhm_arcsec: Tensor,
+    *,
+    pixel_scale_arcsec: float,
+    reference_rms: float,
+) -> Tensor:
+    """The image encoder's input for a batch of images (see the module docstring).
+
+    Args:
+        image: Images, shape ``(B, H, W)``, flux per pixel (image units).
+        sigma: Noise standard deviation, shape ``(B, H, W)``, image units, > 0 where used.
+        mask: Bool, shape ``(B, H, W)``; True where the pixel is used.
+        psf_fwhm_arcsec: PSF FWHM per image, shape ``(B,)``, arcsec.
+        pixel_scale_arcsec: Pixel side, arcsec.
+        reference_rms: The model's fixed noise scale, image units (``DataConfig``).
+
+    Returns:
+        Network input, shape ``(B, 4, H, W)``, in ``image``'s dtype.
+
+    Example:
+        >>> x = network_input(torch.zeros(2, 8, 8), torch.ones(2, 8, 8),
+        ...                   torch.ones(2, 8, 8, dtype=torch.bool), torch.tensor([0.2, 0.2]),
+        ...                   pixel_scale_arcsec=0.1, reference_rms=1.0)
+        >>> x.shape, float(x[0, 3, 0, 0])
+        (torch.Size([2, 4, 8, 8]), 1.0)
+    """
+    if image.ndim != 3 or image.shape != sigma.shape or image.shape != mask.shape:
+        raise ValueError(
+            f"image, sigma and mask must share a (B, H, W) shape, got {tuple(image.shape)}, "
+            f"{tuple(sigma.shape)}, {tuple(mask.shape)}"
+        )
+    if psf_fwhm_arcsec.shape != image.shape[:1]:
+        raise ValueError(
+            f"psf_fwhm_arcsec must have shape (B,), got {tuple(psf_fwhm_arcsec.shape)}"
+        )
+    if pixel_scale_arcsec <= 0 or reference_rms <= 0:
+        raise ValueError(
+            f"pixel_scale_arcsec={pixel_scale_arcsec!r} and reference_rms={reference_rms!r} "
+            "must be > 0"
+        )
+    m = mask.to(image.dtype)
+    safe_sigma = torch.where(mask, sigma, torch.ones_like(sigma))
+    # Median over used pixels only: masked pixels become NaN, which nanmedian skips.
+    s = torch.where(mask, safe_sigma, torch.nan).flatten(1).nanmedian(dim=1).values
+    snr = torch.asinh(image / s[:, None, None]) * m
+    log_sigma = torch.log(safe_sigma / reference_rms) * m
+    fwhm_pix = (psf_fwhm_arcsec.to(image) / pixel_scale_arcsec / 2)[:, None, None] * m
+    return torch.stack([snr, log_sigma, m, fwhm_pix], dim=1)
+
+
+def observation_input(observations: list[Observation], *, reference_rms: float) -> Tensor:
+    """The network input of real (or loaded) observations, all on one pixel grid.
+
+    Args:
+        observations: Observations of equal shape and pixel scale (cut with
+            ``cutouts.cut_to_fov``); their PSF FWHM is the Gaussian fit
+            ``Observation.psf_fwhm_arcsec``.
+        reference_rms: The model's fixed noise scale, image units.
+
+    Returns:
+        Network input, shape ``(B, 4, H, W)``, in the first observation's dtype.
+    """
+    if not observations:
+        raise ValueError("observation_input needs at least one observation")
+    first = observations[0]
+    for obs in observations:
+        if (
+            obs.shape != first.shape
+            or abs(obs.pixel_scale_arcsec / first.pixel_scale_arcsec - 1) > 1e-6
+        ):
+            raise ValueError(
+                f"observation {obs.name!r} has shape {obs.shape} at {obs.pixel_scale_arcsec} "
+                f"arcsec/px; expected {first.shape} at {first.pixel_scale_arcsec}"
+            )
+    dtype, device = first.image.dtype, first.image.device
+    return network_input(
+        torch.stack([o.image.to(device, dtype) for o in observations]),
+        torch.stack([o.sigma.to(device, dtype) for o in observations]),
+        torch.stack([o.mask.to(device) for o in observations]),
+        torch.tensor([o.psf_fwhm_arcsec for o in observations], dtype=dtype, device=device),
+        pixel_scale_arcsec=first.pixel_scale_arcsec,
+        reference_rms=reference_rms,
+    )
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A batch of simulated lenses with their network input.
+
+    Attributes:
+        theta: Physical parameters, shape ``(B, D)``, columns ``params.NAMES``.
+        x: Network input, shape ``(B, 4, H, W)`` (:func:`network_input`).
+        image: Noisy images, shape ``(B, H, W)``, flux per pixel.
+        sigma: Noise standard deviation, shape ``(B, H, W)``, image units.
+        psf_fwhm_arcsec: PSF FWHM, shape ``(B,)``, arcsec.
+        background_rms: Background RMS, shape ``(B,)``, image units.
+        exposure_time_s: Exposure time, shape ``(B,)``, s.
+    """
+
+    theta: Tensor
+    x: Tensor
+    image: Tensor
+    sigma: Tensor
+    psf_fwhm_arcsec: Tensor
+    background_rms: Tensor
+    exposure_time_s: Tensor
+
+    def __len__(self) -> int:
+        return int(self.theta.shape[0])
+
+    def select(self, index: Tensor) -> Pairs:
+        """The examples at ``index`` (a ``(K,)`` integer tensor), as new ``Pairs``."""
+        return Pairs(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+
+def _log_uniform(
+    n: int, low: float, high: float, like: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    r = torch.rand(n, generator=generator, dtype=like.dtype, device=like.device)
+    return torch.exp(math.log(low) + (math.log(high) - math.log(low)) * r)
+
+
+class SimulatedPairs:
+    """On-the-fly simulated ``(theta, x)`` pairs with varied PSF and depth, fresh noise.
+
+    Args:
+        simulator: Pixel grid and supersampling (its PSF and noise fields are replaced by
+            the ``data`` ranges).
+        data: PSF and noise ranges.
+        prior: Prior over ``theta`` (default: the registry's default prior).
+        dtype: Floating dtype of the simulation.
+        device: Device of the simulation and of the returned tensors.
+
+    Example:
+        >>> from lensflow.config import DataConfig, SimulatorConfig
+        >>> pairs = SimulatedPairs(SimulatorConfig(n_pix=16, pixel_scale_arcsec=0.3),
+        ...                        DataConfig(n_psf_grid=2))
+        >>> batch = pairs.sample(3, generator=torch.Generator().manual_seed(0))
+        >>> batch.theta.shape, batch.x.shape
+        (torch.Size([3, 21]), torch.Size([3, 4, 16, 16]))
+    """
+
+    def __init__(
+        self,
+        simulator: SimulatorConfig,
+        data: DataConfig,
+        *,
+        prior: Prior | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.simulator_config = simulator
+        self.data_config = data
+        self.prior = prior or Prior(dtype=dtype, device=device)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        n = data.n_psf_grid
+        lo, hi = data.psf_fwhm_min_arcsec, data.psf_fwhm_max_arcsec
+        self.psf_grid_arcsec = tuple(lo + (hi - lo) * i / max(n - 1, 1) for i in range(n))
+        self.simulators = [
+            LensSimulator(
+                dataclasses.replace(simulator, psf_fwhm_arcsec=fwhm), dtype=dtype, device=device
+            )
+            for fwhm in self.psf_grid_arcsec
+        ]
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Pairs:
+        """Draw ``n`` fresh examples.
+
+        Args:
+            n: Number of examples.
+            generator: Torch generator on the simulation device (prior, PSF, depth, noise).
+
+        Returns:
+            The batch, on the simulation device.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n!r}")
+        theta = self.prior.sample((n,), generator=generator).to(self.dtype)
+        like = theta[:, 0]
+        k = torch.randint(len(self.simulators), (n,), generator=generator, device=self.device)
+        rms = _log_uniform(n, self.data_config.background_rms_min,
+                           self.data_config.background_rms_max, like, generator)  # fmt: skip
+        exposure = _log_uniform(n, self.data_config.exposure_time_min_s,
+                                self.data_config.exposure_time_max_s, like, generator)  # fmt: skip
+        model = theta.new_zeros((n, *self.simulators[0].image_shape))
+        for i, sim in enumerate(self.simulators):
+            chosen = (k == i).nonzero().flatten()
+            if chosen.numel():
+                model[chosen] = sim(theta[chosen])
+        var = rms[:, None, None] ** 2 + model.clamp_min(0) / exposure[:, None, None]
+        sigma = var.sqrt()
+        eps = torch.randn(model.shape, generator=generator, dtype=model.dtype, device=model.device)
+        image = model + sigma * eps
+        fwhm = torch.tensor(self.psf_grid_arcsec, dtype=self.dtype, device=self.device)[k]
+        x = network_input(
+            image,
+            sigma,
+            torch.ones_like(image, dtype=torch.bool),
+            fwhm,
+            pixel_scale_arcsec=self.simulator_config.pixel_scale_arcsec,
+            reference_rms=self.data_config.reference_rms,
+        )
+        return Pairs(theta, x, image, sigma, fwhm, rms, exposure)
+
+
+_FIELDS = ("theta", "image", "sigma", "psf_fwhm_arcsec", "background_rms", "exposure_time_s")
+
+
+def write_pairs(
+    path: str | Path,
+    source: SimulatedPairs,
+    n: int,
+    *,
+    chunk: int = 256,
+    generator: torch.Generator | None = None,
+) -> Path:
+    """Simulate ``n`` examples and store them in HDF5 (float32), with the configs as JSON.
+
+    Datasets: ``theta`` ``(n, D)``, ``image`` and ``sigma`` ``(n, H, W)``,
+    ``psf_fwhm_arcsec``, ``background_rms``, ``exposure_time_s`` ``(n,)``. Attributes:
+    ``names`` (JSON list), ``simulator`` and ``data`` (JSON of the configs).
+
+    Args:
+        path: Output file.
+        source: The simulated-pair generator.
+        n: Number of examples.
+        chunk: Examples simulated per call.
+        generator: Torch generator.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n!r}")
+    h, w = source.simulators[0].image_shape
+    shapes = {"theta": (len(NAMES),), "image": (h, w), "sigma": (h, w)}
+    with h5py.File(path, "w") as f:
+        for name in _FIELDS:
+            f.create_dataset(name, shape=(n, *shapes.get(name, ())), dtype="float32")
+        f.attrs["names"] = json.dumps(list(NAMES))
+        f.attrs["simulator"] = json.dumps(dataclasses.asdict(source.simulator_config), default=str)
+        f.attrs["data"] = json.dumps(dataclasses.asdict(source.data_config))
+        for start in range(0, n, chunk):
+            batch = source.sample(min(chunk, n - start), generator=generator)
+            for name in _FIELDS:
+                f[name][start : start + len(batch)] = getattr(batch, name).float().cpu().numpy()
+    return path
+
+
+class H5Pairs:
+    """A stored simulated set (:func:`write_pairs`), held in memory, sampled like the live one.
+
+    Args:
+        path: HDF5 file written by :func:`write_pairs`.
+        dtype: Floating dtype of the returned tensors.
+        device: Device of the returned tensors.
+
+    Raises:
+        ValueError: If the file is unreadable, lacks a dataset, or its parameter names differ
+            from ``params.NAMES``.
+    """
+
+    def __init__(
+        self, path: str | Path, *, dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:  # fmt: skip
+        path = Path(path)
+        try:
+            with h5py.File(path, "r") as f:
+                names = tuple(json.loads(f.attrs["names"]))
+                sim = json.loads(f.attrs["simulator"])
+                data = json.loads(f.attrs["data"])
+                arrays = {name: np.asarray(f[name]) for name in _FIELDS}
+        except (OSError, KeyError) as err:
+            raise ValueError(f"{path}: not a lensflow pairs file ({err})") from None
+        if names != NAMES:
+            raise ValueError(f"{path}: parameter names {names} differ from the registry {NAMES}")
+        sim = {k: float(v) if v in ("inf", "-inf") else v for k, v in sim.items()}
+        self.simulator_config = SimulatorConfig(**sim)
+        self.data_config = DataConfig(**data)
+        self.path = path
+        t = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in arrays.items()}
+        x = network_input(
+            t["image"],
+            t["sigma"],
+            torch.ones_like(t["image"], dtype=torch.bool),
+            t["psf_fwhm_arcsec"],
+            pixel_scale_arcsec=self.simulator_config.pixel_scale_arcsec,
+            reference_rms=self.data_config.reference_rms,
+        )
+        self.pairs = Pairs(t["theta"], x, t["image"], t["sigma"], t["psf_fwhm_arcsec"],
+                           t["background_rms"], t["exposure_time_s"])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Pairs:
+        """Draw ``n`` stored examples uniformly with replacement.
+
+        Args:
+            n: Number of examples.
+            generator: Torch generator (CPU).
+
+        Returns:
+            The batch.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n!r}")
+        index = torch.randint(len(self), (n,), generator=generator)
+        return self.pairs.select(index.to(self.pairs.theta.device))
