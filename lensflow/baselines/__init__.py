@@ -1,9 +1,18 @@
 """Baselines: lensflow's lens model run through other codes, for parity checks and comparison.
 
-``lenstronomy`` holds the translation to lenstronomy's keyword lists and its image model. It
-is the only place that imports lenstronomy (the ``baselines`` extra); import it explicitly,
-``from lensflow.baselines.lenstronomy import to_lenstronomy``, so that lensflow itself never
-needs the extra.
+Two modules, both needing the ``baselines`` extra (``pip install 'lensflow[baselines]'``),
+so import them explicitly and lensflow itself never needs the extra:
+
+* ``lensflow.baselines.lenstronomy``: the translation to lenstronomy's keyword lists and its
+  image model (``to_lenstronomy``, ``render_lenstronomy``), and the lenstronomy + emcee
+  baseline as lenstronomy users run it (``run_lenstronomy``: ``FittingSequence`` PSO then
+  emcee, amplitudes solved linearly). The only module importing lenstronomy.
+* ``lensflow.baselines.mcmc``: MCMC on lensflow's own batched caustics likelihood:
+  ``run_emcee`` (every walker in one batched call) and ``run_nuts`` (Pyro's NUTS in the
+  unconstrained space), with their convergence diagnostics.
+
+Every baseline returns a ``lensflow.sampling.PosteriorSamples`` in registry names and units,
+inside a frozen result record that also carries its convergence diagnostics.
 """
 
 __all__: list[str] = []

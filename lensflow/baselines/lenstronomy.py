@@ -29,6 +29,15 @@ Conventions (measured and pinned by tests/test_parity.py):
   :func:`render_lenstronomy` therefore renders on a grid padded by the kernel's half-width
   (in native pixels) and crops the centre; :func:`image_model` exposes the padding.
 
+The lenstronomy + emcee baseline (:func:`run_lenstronomy`) runs lenstronomy's own
+``FittingSequence`` (PSO, then emcee) on an :class:`~lensflow.observation.Observation`,
+with the same model, grid, PSF (the observation's kernel as a ``PIXEL`` PSF),
+supersampling, noise (``noise_map``) and mask as lensflow's likelihood, bounds from the
+registry's default prior box, and the PSF-wide border masked (:func:`likelihood_mask`,
+because of the zero padding above). lenstronomy solves the two amplitudes linearly; each
+returned sample's amplitudes are drawn from their conditional Gaussian. docs/baselines.md
+is the user guide.
+
 References:
     Birrer & Amara 2018, "lenstronomy: Multi-purpose gravitational lens modelling software
     package", Physics of the Dark Universe 22, 189.
@@ -38,16 +47,24 @@ from __future__ import annotations
 
 __all__ = [
     "LenstronomyKwargs",
+    "LenstronomyResult",
+    "fitting_sequence",
     "from_lenstronomy",
     "image_model",
+    "likelihood_mask",
     "psf_pad_pix",
     "render_lenstronomy",
+    "run_lenstronomy",
     "to_lenstronomy",
 ]
 
+import contextlib
+import io
 import math
 import re
+import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,17 +72,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lensflow.baselines.mcmc import EnsembleDiagnostics, ensemble_diagnostics
 from lensflow.config import SimulatorConfig
-from lensflow.params import NAMES, REGISTRY
+from lensflow.observation import Observation
+from lensflow.params import NAMES, REGISTRY, ParamSpec
+from lensflow.sampling import PosteriorSamples
 from lensflow.simulator import fine_psf
 
 try:
     from lenstronomy.Data.imaging_data import ImageData
     from lenstronomy.Data.psf import PSF
+    from lenstronomy.ImSim.image_linear_solve import ImageLinearFit
     from lenstronomy.ImSim.image_model import ImageModel
     from lenstronomy.LensModel.lens_model import LensModel
     from lenstronomy.LightModel.light_model import LightModel
     from lenstronomy.Util.simulation_util import data_configure_simple
+    from lenstronomy.Workflow.fitting_sequence import FittingSequence
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "lensflow.baselines.lenstronomy needs lenstronomy; install the baselines extra with "
@@ -285,3 +307,345 @@ def render_lenstronomy(
             full = model.image(kw.kwargs_lens, kw.kwargs_source, kw.kwargs_lens_light)
             images[b] = full[n_pad : n_pad + n, n_pad : n_pad + n]
     return images[0] if values.ndim == 1 else images
+
+
+# --- the lenstronomy + emcee baseline -------------------------------------------------------
+
+#: lenstronomy's ``kwargs_params`` key of each keyword list.
+_PARAM_GROUPS = {
+    "kwargs_lens": "lens_model",
+    "kwargs_source": "source_model",
+    "kwargs_lens_light": "lens_light_model",
+}
+#: Keywords lenstronomy solves linearly (not sampled) with ``linear_solver=True``.
+_LINEAR_KEYS = frozenset({"amp"})
+
+
+def _check_observation(observation: Observation, config: SimulatorConfig) -> None:
+    if not isinstance(observation, Observation):
+        raise TypeError(f"observation must be an Observation, got {type(observation).__name__}")
+    if observation.shape != (config.n_pix, config.n_pix):
+        raise ValueError(
+            f"observation {observation.name!r} has shape {observation.shape} but the config "
+            f"has n_pix={config.n_pix}"
+        )
+    if abs(observation.pixel_scale_arcsec / config.pixel_scale_arcsec - 1) > 1e-3:
+        raise ValueError(
+            f"observation pixel_scale_arcsec={observation.pixel_scale_arcsec:.6g} differs "
+            f"from the config's {config.pixel_scale_arcsec:.6g}"
+        )
+
+
+def likelihood_mask(observation: Observation, config: SimulatorConfig) -> np.ndarray:
+    """The pixels lenstronomy's likelihood uses: the observation's mask minus a PSF border.
+
+    lenstronomy's pixel convolution zero-pads the model, so the outer ``psf_pad_pix`` rows
+    and columns miss the light scattered in from outside the field (lensflow's simulator
+    pads and is exact there). They are excluded.
+
+    Args:
+        observation: The data; its ``mask`` is True where a pixel is used.
+        config: Grid, supersampling and PSF (the kernel is the observation's).
+
+    Returns:
+        Integer mask (1 = used) of shape ``(H, W)``, as lenstronomy's
+        ``image_likelihood_mask_list`` expects.
+    """
+    _check_observation(observation, config)
+    mask = observation.mask.cpu().numpy().copy()
+    pad = psf_pad_pix(config, psf_kernel=observation.psf)
+    if pad > 0:
+        border = np.ones_like(mask)
+        border[pad:-pad, pad:-pad] = False
+        mask[border] = False
+    if not mask.any():
+        raise ValueError(
+            f"no pixel is left after masking a {pad}-pixel PSF border of a {observation.shape} "
+            "image; use a larger cutout"
+        )
+    return mask.astype(int)
+
+
+def _box_kwargs(specs: Sequence[ParamSpec], attr: str) -> dict[str, list[dict[str, float]]]:
+    """Registry values (``prior_low``, centre, ...) as lenstronomy keyword lists."""
+    out = {group: [{} for _ in profiles] for group, profiles in _PROFILES.items()}
+    for spec, (group, i, key) in zip(specs, _KEYS, strict=True):
+        if key in _LINEAR_KEYS:
+            continue
+        lo, hi = spec.prior_low, spec.prior_high
+        value = {"low": lo, "high": hi, "centre": 0.5 * (lo + hi), "width": hi - lo}[attr]
+        out[group][i][key] = value
+    return out
+
+
+def fitting_sequence(
+    observation: Observation,
+    config: SimulatorConfig,
+    *,
+    specs: Sequence[ParamSpec] = REGISTRY,
+    sigma_scale: float = 0.25,
+    use_source_marg: bool = False,
+) -> FittingSequence:
+    """lenstronomy's ``FittingSequence`` of the lensflow model on an observation.
+
+    Model, grid, PSF and supersampling are those of :func:`image_model` (``n_pad=0``: the
+    data grid); the noise is the observation's ``sigma`` as lenstronomy's ``noise_map``;
+    the likelihood mask is :func:`likelihood_mask`. Bounds are the registry's default prior
+    box, the start (PSO centre) is the box centre, with ``sigma = sigma_scale * width``.
+    The two amplitudes are solved linearly at every likelihood call, as lenstronomy does by
+    default (19 sampled parameters).
+
+    Args:
+        observation: Image, noise, native-resolution PSF kernel and mask.
+        config: Supersampling (``upsample_factor``); its grid must match the observation.
+        specs: Registry whose ``prior_low``/``prior_high`` give the bounds.
+        sigma_scale: Initial spread of the PSO particles and emcee walkers, as a fraction of
+            the prior width (lenstronomy multiplies it by the stage's own ``sigma_scale``).
+        use_source_marg: Add lenstronomy's marginalization term over the linear amplitudes
+            (``source_marg``); off by default, as lenstronomy users run it.
+
+    Returns:
+        The configured ``FittingSequence``.
+
+    Raises:
+        ValueError: If the observation's grid differs from the config's, or every pixel is
+            masked.
+        TypeError: If ``observation`` is not an ``Observation``.
+    """
+    mask = likelihood_mask(observation, config)
+    up = config.upsample_factor
+    kwargs_data = data_configure_simple(config.n_pix, config.pixel_scale_arcsec, inverse=False)
+    kwargs_data["image_data"] = observation.image.detach().cpu().double().numpy()
+    kwargs_data["noise_map"] = observation.sigma.detach().cpu().double().numpy()
+    kernel = fine_psf(config, observation.psf.detach().cpu()).numpy()
+    kwargs_psf: dict[str, Any] = (
+        {"psf_type": "NONE"}
+        if kernel.shape == (1, 1)
+        else {"psf_type": "PIXEL", "kernel_point_source": kernel,
+              "point_source_supersampling_factor": up}
+    )  # fmt: skip
+    kwargs_numerics = {
+        "supersampling_factor": up,
+        "supersampling_convolution": up > 1,
+        "supersampling_kernel_size": None,
+    }
+    kwargs_model = {
+        "lens_model_list": _PROFILES["kwargs_lens"],
+        "source_light_model_list": _PROFILES["kwargs_source"],
+        "lens_light_model_list": _PROFILES["kwargs_lens_light"],
+    }
+    init, width = _box_kwargs(specs, "centre"), _box_kwargs(specs, "width")
+    low, high = _box_kwargs(specs, "low"), _box_kwargs(specs, "high")
+    fixed: dict[str, list[dict[str, float]]] = {g: [{} for _ in p] for g, p in _PROFILES.items()}
+    for (group, i), values in _FIXED.items():
+        fixed[group][i].update(values)
+    kwargs_params = {
+        _PARAM_GROUPS[g]: [
+            init[g],
+            [{k: sigma_scale * v for k, v in d.items()} for d in width[g]],
+            fixed[g],
+            low[g],
+            high[g],
+        ]
+        for g in _PROFILES
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        return FittingSequence(
+            {"multi_band_list": [[kwargs_data, kwargs_psf, kwargs_numerics]],
+             "multi_band_type": "single-band"},
+            kwargs_model,
+            {"linear_solver": True},
+            {"check_bounds": True, "image_likelihood_mask_list": [mask],
+             "source_marg": use_source_marg, "check_positive_flux": False},
+            kwargs_params,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LenstronomyResult:
+    """Samples and convergence of :func:`run_lenstronomy`.
+
+    Attributes:
+        samples: Post-burn-in emcee chain in registry names and units, flattened step-major
+            (``N = n_run * n_walkers``), ``method="lenstronomy"``, ``log_prob=None``. Each
+            sample's two amplitudes are a draw from their conditional Gaussian given its
+            non-linear parameters (lenstronomy's weighted least-squares solution and
+            covariance).
+        diagnostics: Autocorrelation times (of the 21 registry columns), acceptance,
+            convergence flag and the emcee stage's wall time.
+        log_likelihood: lenstronomy's log-likelihood of each sample, ``-chi2 / 2`` at the
+            best-fit amplitudes (plus the marginalization term with ``use_source_marg``),
+            shape ``(N,)``.
+        best_fit: PSO result with its best-fit amplitudes, physical ``theta`` ``(D,)``.
+        pso_wall_time_s: Wall time of the PSO stage, in seconds.
+    """
+
+    samples: PosteriorSamples
+    diagnostics: EnsembleDiagnostics
+    log_likelihood: Tensor
+    best_fit: Tensor
+    pso_wall_time_s: float
+
+
+@contextlib.contextmanager
+def _seeded_numpy(seed: int) -> Iterator[None]:
+    """Seed numpy's global RNG (lenstronomy's PSO and emcee use it) and restore it after."""
+    # lenstronomy draws from the legacy global RNG; there is no generator to pass it.
+    state = np.random.get_state()  # noqa: NPY002
+    np.random.seed(seed)  # noqa: NPY002
+    try:
+        yield
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+
+
+class _AmplitudeSolver:
+    """lenstronomy's linear amplitude solve on the fitting sequence's data, PSF and mask."""
+
+    def __init__(self, observation: Observation, config: SimulatorConfig) -> None:
+        fs_data = data_configure_simple(config.n_pix, config.pixel_scale_arcsec, inverse=False)
+        fs_data["image_data"] = observation.image.detach().cpu().double().numpy()
+        fs_data["noise_map"] = observation.sigma.detach().cpu().double().numpy()
+        template = image_model(config, psf_kernel=observation.psf.detach().cpu())
+        self._fit = ImageLinearFit(
+            ImageData(**fs_data),
+            template.PSF,
+            LensModel(_PROFILES["kwargs_lens"]),
+            LightModel(_PROFILES["kwargs_source"]),
+            LightModel(_PROFILES["kwargs_lens_light"]),
+            kwargs_numerics={
+                "supersampling_factor": config.upsample_factor,
+                "supersampling_convolution": config.upsample_factor > 1,
+                "supersampling_kernel_size": None,
+            },
+            likelihood_mask=likelihood_mask(observation, config),
+        )
+
+    def solve(self, kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Best-fit ``[source_amp, lens_light_amp]`` and their covariance."""
+        _, _, cov, param = self._fit.image_linear_solve(
+            kwargs["kwargs_lens"], kwargs["kwargs_source"], kwargs["kwargs_lens_light"],
+            inv_bool=True,
+        )  # fmt: skip
+        return np.asarray(param, dtype=np.float64), np.asarray(cov, dtype=np.float64)
+
+
+def _to_theta(kwargs: dict[str, Any], amplitudes: np.ndarray) -> np.ndarray:
+    """lenstronomy's non-linear keyword lists plus ``[source, lens light]`` amplitudes."""
+    source = [{**kwargs["kwargs_source"][0], "amp": float(amplitudes[0])}]
+    lens_light = [{**kwargs["kwargs_lens_light"][0], "amp": float(amplitudes[1])}]
+    return from_lenstronomy(LenstronomyKwargs(kwargs["kwargs_lens"], source, lens_light))
+
+
+def run_lenstronomy(
+    observation: Observation,
+    config: SimulatorConfig,
+    *,
+    n_particles: int = 200,
+    n_iterations: int = 400,
+    n_walkers: int = 64,
+    n_run: int = 1000,
+    n_burn: int = 500,
+    sigma_scale: float = 0.25,
+    mcmc_sigma_scale: float = 0.01,
+    tol: float = 50.0,
+    use_source_marg: bool = False,
+    use_progress: bool = False,
+    rng: np.random.Generator | None = None,
+) -> LenstronomyResult:
+    """lenstronomy + emcee as a lenstronomy user runs it: ``FittingSequence`` PSO, then emcee.
+
+    The amplitudes are solved linearly by lenstronomy at every likelihood call, so the
+    chain holds the 19 non-linear parameters; each sample's amplitudes are then drawn from
+    their conditional Gaussian (the weighted least-squares solution and its covariance), a
+    flat-amplitude-prior completion of the sample. lenstronomy's stdout chatter (and, without
+    ``use_progress``, the PSO progress bar on stderr) is swallowed.
+
+    Args:
+        observation: Image, noise, native-resolution PSF kernel and mask (float64 used).
+        config: Supersampling (``upsample_factor``); grid equal to the observation's.
+        n_particles: PSO particles (>= 1). On the 16x16 test mock, 100 particles x 200
+            iterations from the box centre ended in a mode 6000 nats below the truth's;
+            200 x 400 found the best mode.
+        n_iterations: PSO iterations (>= 1).
+        n_walkers: emcee walkers (>= 2 x 19 sampled parameters).
+        n_run: Kept emcee steps per walker (>= 2).
+        n_burn: Discarded emcee burn-in steps.
+        sigma_scale: PSO start spread, fraction of the prior width (around the box centre).
+        mcmc_sigma_scale: Walker ball around the PSO result, in units of the PSO spread.
+        tol: Convergence rule ``n_run >= tol * max(tau)``.
+        use_source_marg: lenstronomy's ``source_marg`` (amplitude marginalization term).
+        use_progress: Show emcee's progress bar.
+        rng: numpy generator; seeds numpy's global RNG (restored afterwards) for
+            lenstronomy's PSO and emcee.
+
+    Returns:
+        Samples (``method="lenstronomy"``), diagnostics, log-likelihoods and the PSO fit.
+
+    Raises:
+        ValueError: For a grid mismatch, too few walkers or bad counts.
+        TypeError: If ``observation`` is not an ``Observation``.
+    """
+    n_sampled = sum(key not in _LINEAR_KEYS for _, _, key in _KEYS)
+    if n_walkers < 2 * n_sampled or n_walkers % 2:
+        raise ValueError(
+            f"n_walkers must be even and >= 2 x {n_sampled} sampled parameters = "
+            f"{2 * n_sampled}, got {n_walkers}"
+        )
+    if min(n_particles, n_iterations) < 1 or n_run < 2 or n_burn < 0:
+        raise ValueError(
+            f"need n_particles, n_iterations >= 1, n_run >= 2, n_burn >= 0; got "
+            f"{n_particles}, {n_iterations}, {n_run}, {n_burn}"
+        )
+    fs = fitting_sequence(observation, config, sigma_scale=sigma_scale,
+                          use_source_marg=use_source_marg)  # fmt: skip
+    solver = _AmplitudeSolver(observation, config)
+    rng = rng if rng is not None else np.random.default_rng()
+    with (
+        _seeded_numpy(int(rng.integers(2**32))),
+        contextlib.redirect_stdout(io.StringIO()),
+        # PSO's tqdm bar goes to stderr whatever ``progress`` says.
+        contextlib.redirect_stderr(io.StringIO())
+        if not use_progress
+        else contextlib.nullcontext(),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", "`axes` should not be `None`", DeprecationWarning)
+        t0 = time.perf_counter()
+        fs.fit_sequence([["PSO", {"sigma_scale": 1.0, "n_particles": n_particles,
+                                  "n_iterations": n_iterations}]])  # fmt: skip
+        t1 = time.perf_counter()
+        best_kwargs = fs.best_fit(bijective=True)  # the PSO result (emcee overwrites it)
+        chain_list = fs.fit_sequence([["emcee", {
+            "n_burn": n_burn, "n_run": n_run, "n_walkers": n_walkers,
+            "sigma_scale": mcmc_sigma_scale, "progress": use_progress,
+        }]])  # fmt: skip
+        t2 = time.perf_counter()
+        _, flat, _, log_like = chain_list[-1]
+        best_fit = _to_theta(best_kwargs, solver.solve(best_kwargs)[0])
+        theta = np.empty((len(flat), len(NAMES)))
+        last: dict[int, tuple[np.ndarray, dict[str, Any], np.ndarray, np.ndarray]] = {}
+        for j, args in enumerate(flat):
+            walker = j % n_walkers  # emcee's flat chain is step-major
+            if walker in last and np.array_equal(last[walker][0], args):
+                # A rejected move repeats the position: reuse its solve, draw afresh.
+                _, kwargs, mean, cov = last[walker]
+            else:
+                kwargs = fs.param_class.args2kwargs(args, bijective=True)
+                mean, cov = solver.solve(kwargs)
+                last[walker] = (args, kwargs, mean, cov)
+            theta[j] = _to_theta(kwargs, rng.multivariate_normal(mean, cov))
+    chain = theta.reshape(n_run, n_walkers, len(NAMES))
+    # emcee keeps a walker in place when it rejects, so a move is an acceptance.
+    moved = np.any(np.diff(flat.reshape(n_run, n_walkers, -1), axis=0) != 0, axis=-1)
+    diagnostics = ensemble_diagnostics(chain, n_burn=n_burn, acceptance_fraction=moved.mean(),
+                                       tol=tol, wall_time_s=t2 - t1)  # fmt: skip
+    samples = PosteriorSamples(theta=torch.from_numpy(theta), names=NAMES, log_prob=None,
+                               method="lenstronomy")  # fmt: skip
+    return LenstronomyResult(
+        samples=samples,
+        diagnostics=diagnostics,
+        log_likelihood=torch.from_numpy(np.asarray(log_like, dtype=np.float64)),
+        best_fit=torch.from_numpy(best_fit),
+        pso_wall_time_s=t1 - t0,
+    )

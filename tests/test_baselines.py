@@ -1,0 +1,345 @@
+"""The classical baselines: lenstronomy + emcee, emcee and NUTS on lensflow's likelihood.
+
+Fast tests run each baseline for a few steps on a 16x16 mock and check the shared
+``PosteriorSamples`` record, the diagnostics records, the error messages, and that the
+lenstronomy baseline's likelihood is lensflow's likelihood (parity, float64). Slow tests
+check that each baseline's 95% interval covers the truth of a high-S/N mock.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lenstronomy")
+pytest.importorskip("emcee")
+
+from lensflow.baselines.lenstronomy import (
+    fitting_sequence,
+    likelihood_mask,
+    psf_pad_pix,
+    run_lenstronomy,
+    to_lenstronomy,
+)
+from lensflow.baselines.mcmc import (
+    box_transform,
+    log_posterior,
+    optimize_posterior,
+    run_emcee,
+    run_nuts,
+)
+from lensflow.config import SimulatorConfig
+from lensflow.observation import Observation
+from lensflow.params import NAMES, index
+from lensflow.prior import Prior
+from lensflow.sampling import PosteriorSamples
+from lensflow.simulator import LensSimulator, chi2
+
+pytestmark = pytest.mark.filterwarnings("ignore:`axes` should not be `None`:DeprecationWarning")
+
+F64 = torch.float64
+CONFIG = SimulatorConfig(n_pix=16, pixel_scale_arcsec=0.1, upsample_factor=1,
+                         psf_fwhm_arcsec=0.15, background_rms=0.01)  # fmt: skip
+#: A system well inside the default prior box (every value away from the box edges).
+TRUTH = {
+    "lens_theta_e": 0.6, "lens_e1": 0.1, "lens_e2": -0.05, "lens_center_x": 0.03,
+    "lens_center_y": -0.02, "shear_gamma1": 0.02, "shear_gamma2": -0.01,
+    "source_amp": 60.0, "source_r_sersic": 0.2, "source_n_sersic": 1.5, "source_e1": 0.1,
+    "source_e2": 0.05, "source_center_x": 0.08, "source_center_y": 0.05,
+    "lens_light_amp": 20.0, "lens_light_r_sersic": 0.6, "lens_light_n_sersic": 3.0,
+    "lens_light_e1": 0.05, "lens_light_e2": 0.02, "lens_light_center_x": 0.03,
+    "lens_light_center_y": -0.02,
+}  # fmt: skip
+
+
+def _mock(noise: float = 0.05, seed: int = 7) -> tuple[Observation, torch.Tensor]:
+    theta = torch.tensor([TRUTH[n] for n in NAMES], dtype=F64)
+    sim = LensSimulator(CONFIG, dtype=F64)
+    x = sim(theta)
+    sigma = torch.full_like(x, noise)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    obs = Observation(image=x + sigma * eps, sigma=sigma, psf=sim.psf.clone(),
+                      pixel_scale_arcsec=CONFIG.pixel_scale_arcsec,
+                      mask=torch.ones(x.shape, dtype=torch.bool), name="mock")  # fmt: skip
+    return obs, theta
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Small images: a second torch thread only adds contention (10-100x slower per op on
+    # the shared 2-core box), so the MCMC tests run single-threaded.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mock() -> tuple[Observation, torch.Tensor]:
+    return _mock()
+
+
+@pytest.fixture(scope="module")
+def sim() -> LensSimulator:
+    return LensSimulator(CONFIG, dtype=F64)
+
+
+@pytest.fixture(scope="module")
+def centre() -> torch.Tensor:
+    prior = Prior(dtype=F64)
+    return 0.5 * (prior.low + prior.high)
+
+
+def _check_record(samples: PosteriorSamples, method: str, n: int) -> None:
+    # lenstronomy's amplitudes are solved linearly, unbounded by the prior box.
+    columns = [
+        i for i, name in enumerate(NAMES) if not (method == "lenstronomy" and "amp" in name)
+    ]
+    assert isinstance(samples, PosteriorSamples)
+    assert samples.method == method
+    assert samples.names == NAMES
+    assert samples.theta.shape == (n, len(NAMES))
+    assert samples.theta.dtype == F64
+    assert torch.isfinite(samples.theta).all()
+    # Registry units: every sample inside the default prior box (arcsec, dimensionless...).
+    prior = Prior(dtype=F64)
+    inside = (samples.theta >= prior.low) & (samples.theta <= prior.high)
+    assert inside[:, columns].all()
+
+
+# --- fast: records and diagnostics ----------------------------------------------------------
+
+
+def test_run_emcee_returns_registry_samples_and_diagnostics(mock, sim, centre):
+    obs, _ = mock
+    result = run_emcee(sim, obs, n_walkers=42, n_steps=6, n_burn=2, init=centre,
+                       generator=torch.Generator().manual_seed(0),
+                       rng=np.random.default_rng(0))  # fmt: skip
+    _check_record(result.samples, "emcee", 6 * 42)
+    assert torch.isfinite(result.samples.log_prob).all()
+    d = result.diagnostics
+    assert d.tau.shape == (len(NAMES),)
+    assert (d.n_steps, d.n_burn, d.n_walkers, d.tol) == (6, 2, 42, 50.0)
+    assert 0.0 <= d.acceptance_fraction <= 1.0
+    assert d.is_converged is False  # 6 steps are never 50 tau
+    assert d.wall_time_s > 0 and d.time_per_step_s > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.n_steps = 1
+
+
+def test_run_emcee_is_reproducible_with_generator_and_rng(mock, sim, centre):
+    obs, _ = mock
+    runs = [run_emcee(sim, obs, n_walkers=42, n_steps=3, n_burn=0, init=centre,
+                      generator=torch.Generator().manual_seed(1),
+                      rng=np.random.default_rng(1)) for _ in range(2)]  # fmt: skip
+    torch.testing.assert_close(runs[0].samples.theta, runs[1].samples.theta, rtol=0, atol=0)
+
+
+def test_run_nuts_returns_registry_samples_and_leaves_the_global_rng(mock, sim, centre):
+    obs, _ = mock
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    result = run_nuts(sim, obs, n_samples=4, n_warmup=2, n_chains=2, max_tree_depth=2,
+                      init=centre, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    # Pyro draws from torch's global generator; run_nuts forks it.
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+    _check_record(result.samples, "nuts", 2 * 4)
+    assert torch.isfinite(result.samples.log_prob).all()
+    d = result.diagnostics
+    assert d.r_hat.shape == d.ess.shape == (len(NAMES),)
+    assert (d.n_chains, d.n_samples, d.n_warmup) == (2, 4, 2)
+    assert d.is_converged is False  # 8 draws never reach ESS 400
+    assert 0.0 <= d.acceptance_rate <= 1.0 and d.n_divergent >= 0
+
+
+def test_run_lenstronomy_returns_registry_samples_quietly(mock, capsys):
+    obs, _ = mock
+    result = run_lenstronomy(obs, CONFIG, n_particles=8, n_iterations=3, n_walkers=38,
+                             n_run=4, n_burn=0, rng=np.random.default_rng(0))  # fmt: skip
+    _check_record(result.samples, "lenstronomy", 4 * 38)
+    assert result.samples.log_prob is None
+    assert result.log_likelihood.shape == (4 * 38,)
+    assert result.best_fit.shape == (len(NAMES),)
+    assert result.diagnostics.tau.shape == (len(NAMES),)
+    assert result.diagnostics.is_converged is False
+    assert 0.0 <= result.diagnostics.acceptance_fraction <= 1.0
+    assert result.pso_wall_time_s > 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""  # lenstronomy's prints and PSO bar swallowed
+
+
+def test_optimize_posterior_improves_on_the_prior_centre(mock, sim, centre):
+    obs, _ = mock
+    prior = Prior(dtype=F64)
+    start = optimize_posterior(sim, obs, n_starts=2, n_steps=10, n_polish=1, n_polish_steps=5,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert start.shape == (len(NAMES),)
+    assert log_posterior(start[None], sim, obs, prior) > log_posterior(centre[None], sim, obs,
+                                                                        prior)  # fmt: skip
+
+
+def test_box_transform_maps_the_real_line_onto_the_prior_box():
+    prior = Prior(dtype=F64)
+    transform = box_transform(prior)
+    u = 3.0 * torch.randn(256, len(NAMES), dtype=F64)
+    theta = transform.from_u(u)
+    assert torch.isfinite(prior.log_prob(theta)).all()
+    torch.testing.assert_close(transform.to_u(theta), u)
+
+
+def test_log_posterior_is_minus_inf_outside_the_prior_without_simulating(mock, sim):
+    obs, theta = mock
+    bad = theta.clone()
+    bad[index("source_r_sersic")] = -1.0  # unphysical; must not reach caustics
+    logp = log_posterior(torch.stack([theta, bad]), sim, obs, Prior(dtype=F64))
+    assert math.isfinite(float(logp[0])) and logp[1] == -math.inf
+
+
+# --- fast: errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_walkers": 40}, "n_walkers must be even and >= 2 \\* D = 42"),
+        ({"n_walkers": 43}, "n_walkers must be even"),
+        ({"n_steps": 0}, "n_steps >= 1"),
+        ({"init": torch.zeros(3, dtype=F64)}, "init must have shape"),
+        ({"init": torch.full((21,), 50.0, dtype=F64)}, "outside the prior box"),
+    ],
+)
+def test_run_emcee_rejects_bad_settings(mock, sim, centre, kwargs, match):
+    obs, _ = mock
+    kwargs = {"init": centre, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        run_emcee(sim, obs, **kwargs)
+
+
+def test_baselines_reject_observations_that_do_not_match_the_model(mock, sim, centre):
+    obs, _ = mock
+    small = dataclasses.replace(obs, image=obs.image[:8, :8], sigma=obs.sigma[:8, :8],
+                                mask=obs.mask[:8, :8])  # fmt: skip
+    coarse = dataclasses.replace(obs, pixel_scale_arcsec=0.2)
+    for bad, match in ((small, "has shape \\(8, 8\\)"), (coarse, "pixel_scale_arcsec=0.2")):
+        with pytest.raises(ValueError, match=match):
+            run_emcee(sim, bad, init=centre)
+        with pytest.raises(ValueError, match=match):
+            run_nuts(sim, bad, init=centre)
+        with pytest.raises(ValueError, match=match):
+            run_lenstronomy(bad, CONFIG)
+    with pytest.raises(TypeError, match="Observation"):
+        run_emcee(sim, obs.image, init=centre)
+    with pytest.raises(TypeError, match="Observation"):
+        run_lenstronomy(obs.image, CONFIG)
+
+
+def test_run_emcee_rejects_a_non_finite_initial_log_posterior(centre):
+    # A corrupted observation whose residuals overflow float32: chi2 = inf at every walker.
+    sim32 = LensSimulator(CONFIG, dtype=torch.float32)
+    obs, _ = _mock()
+    broken = dataclasses.replace(obs, image=torch.full_like(obs.image, 1e30),
+                                 sigma=torch.full_like(obs.sigma, 1e-10))  # fmt: skip
+    with pytest.raises(ValueError, match="non-finite initial log posterior"):
+        run_emcee(sim32, broken, n_walkers=42, init=centre.float())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_walkers": 36}, "n_walkers must be even and >= 2 x 19"),
+        ({"n_run": 1}, "n_run >= 2"),
+        ({"n_particles": 0}, "n_particles"),
+    ],
+)
+def test_run_lenstronomy_rejects_bad_settings(mock, kwargs, match):
+    obs, _ = mock
+    with pytest.raises(ValueError, match=match):
+        run_lenstronomy(obs, CONFIG, **kwargs)
+
+
+def test_run_nuts_rejects_bad_settings(mock, sim, centre):
+    obs, _ = mock
+    with pytest.raises(ValueError, match="n_samples >= 4"):
+        run_nuts(sim, obs, n_samples=3, init=centre)
+    with pytest.raises(ValueError, match="n_chains >= 1"):
+        run_nuts(sim, obs, n_chains=0, init=centre)
+
+
+# --- fast: the lenstronomy likelihood is lensflow's likelihood ------------------------------
+
+
+def test_likelihood_mask_drops_the_psf_border(mock):
+    obs, _ = mock
+    mask = likelihood_mask(obs, CONFIG)
+    pad = psf_pad_pix(CONFIG, psf_kernel=obs.psf)
+    assert pad >= 1
+    assert mask[:pad].sum() == mask[-pad:].sum() == mask[:, :pad].sum() == 0
+    assert mask.sum() == (CONFIG.n_pix - 2 * pad) ** 2
+
+
+@pytest.mark.parity
+def test_lenstronomy_likelihood_at_truth_equals_lensflow_likelihood(mock):
+    # The FittingSequence's likelihood (noise map, PSF, mask, supersampling as configured)
+    # at the true non-linear parameters is -chi2/2 at lenstronomy's solved amplitudes;
+    # lensflow's chi2 with those amplitudes, on the same edge-masked pixels, must agree.
+    obs, theta = mock
+    fs = fitting_sequence(obs, CONFIG)
+    kw = to_lenstronomy(theta)
+    lists = {"kwargs_lens": kw.kwargs_lens, "kwargs_source": kw.kwargs_source,
+             "kwargs_lens_light": kw.kwargs_lens_light}  # fmt: skip
+    log_like = fs.likelihood_class.logL(fs.param_class.kwargs2args(**lists))
+    _, amplitudes = fs.likelihood_class.image_likelihood.logL(**lists)
+    theta_solved = theta.clone()
+    theta_solved[index("source_amp")] = float(amplitudes[0])
+    theta_solved[index("lens_light_amp")] = float(amplitudes[1])
+    mask = torch.from_numpy(likelihood_mask(obs, CONFIG).astype(bool))
+    sim = LensSimulator(CONFIG, dtype=F64)
+    chi2_lensflow = chi2(sim(theta_solved), obs.image, obs.sigma, mask)
+    # Image parity is <= 5e-6 of peak (tests/test_parity.py); at S/N ~ 100 per pixel that
+    # moves chi2 (~ n_pix = 144) by < 1e-2. The solved amplitudes are within ~1 sigma.
+    expected = torch.tensor(float(log_like), dtype=F64)
+    torch.testing.assert_close(-0.5 * chi2_lensflow, expected, rtol=0, atol=1e-2)
+    assert abs(float(amplitudes[0]) / TRUTH["source_amp"] - 1) < 0.1
+
+
+# --- slow: recovery of the truth ------------------------------------------------------------
+
+#: Parameters whose 95% interval must cover the truth (theta_E and the best-measured ones).
+KEY_PARAMS = ("lens_theta_e", "lens_center_x", "lens_center_y", "source_center_x",
+              "lens_light_r_sersic")  # fmt: skip
+
+
+def _covers(samples: PosteriorSamples, theta: torch.Tensor) -> dict[str, bool]:
+    lo, hi = samples.quantiles([0.025, 0.975])
+    return {n: bool(lo[index(n)] <= theta[index(n)] <= hi[index(n)]) for n in KEY_PARAMS}
+
+
+@pytest.mark.slow
+def test_run_emcee_recovers_the_truth(sim):
+    obs, theta = _mock(noise=0.02)
+    result = run_emcee(sim, obs, n_walkers=64, n_steps=1500, n_burn=1500,
+                       generator=torch.Generator().manual_seed(0),
+                       rng=np.random.default_rng(0))  # fmt: skip
+    covered = _covers(result.samples, theta)
+    assert all(covered.values()), (covered, result.diagnostics)
+
+
+@pytest.mark.slow
+def test_run_nuts_recovers_the_truth(sim):
+    obs, theta = _mock(noise=0.02)
+    result = run_nuts(sim, obs, n_samples=100, n_warmup=100, n_chains=2, max_tree_depth=5,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    covered = _covers(result.samples, theta)
+    assert all(covered.values()), (covered, result.diagnostics)
+
+
+@pytest.mark.slow
+def test_run_lenstronomy_recovers_the_truth():
+    obs, theta = _mock(noise=0.02)
+    result = run_lenstronomy(obs, CONFIG, n_particles=200, n_iterations=400, n_walkers=64,
+                             n_run=1000, n_burn=500, rng=np.random.default_rng(0))  # fmt: skip
+    covered = _covers(result.samples, theta)
+    assert all(covered.values()), (covered, result.diagnostics)
