@@ -12,6 +12,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lensflow.observation import Observation
 
 __all__ = ["main"]
 
@@ -35,6 +39,16 @@ def _add_observation_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--band", metavar="B", help="band of a multi-extension file, e.g. VIS")
     p.add_argument("--mask", metavar="F", help="FITS mask; nonzero pixels are excluded")
+
+
+def _load_observation(args: argparse.Namespace) -> Observation:
+    """The observation named by ``_add_observation_args``' arguments."""
+    from lensflow.observation import load_observation
+
+    return load_observation(
+        args.image, noise=args.noise, weight=args.weight, psf=args.psf,
+        pixel_scale_arcsec=args.pixel_scale, band=args.band, mask=args.mask,
+    )  # fmt: skip
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -75,18 +89,10 @@ def _format_value(value: object) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from lensflow.observation import load_observation, summarize
+    from lensflow.observation import summarize
     from lensflow.plots import plot_observation
 
-    obs = load_observation(
-        args.image,
-        noise=args.noise,
-        weight=args.weight,
-        psf=args.psf,
-        pixel_scale_arcsec=args.pixel_scale,
-        band=args.band,
-        mask=args.mask,
-    )
+    obs = _load_observation(args)
     summary = summarize(obs)
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -154,19 +160,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from lensflow.checkpoint import load_model, model_path
     from lensflow.config import SampleConfig, run_provenance
-    from lensflow.observation import load_observation
     from lensflow.sampling import sample_posterior, samples_table, summary_table
 
     config = SampleConfig(n_samples=args.n, n_steps=args.n_steps, seed=args.seed)
-    obs = load_observation(
-        args.image,
-        noise=args.noise,
-        weight=args.weight,
-        psf=args.psf,
-        pixel_scale_arcsec=args.pixel_scale,
-        band=args.band,
-        mask=args.mask,
-    )
+    obs = _load_observation(args)
     model = load_model(args.model)
     generator = torch.Generator().manual_seed(config.seed)
     samples = sample_posterior(obs, model, config.n_samples, n_steps=config.n_steps,
