@@ -1,0 +1,86 @@
+"""Benchmark the amortized posterior: time to N samples for one lens, and lenses/s in a batch.
+
+Usage (repository root):
+    python scripts/bench_sampling.py --model euclid --device cpu --threads 2 \
+        --one-lens-samples 10000 --batch-lenses 1000 --batch-samples 100
+
+Measures ``FlowPosterior.sample`` on the network inputs of simulated lenses (the observation
+is embedded once per lens and reused by every ODE step and sample), with the model's default
+solver and step count unless overridden. Prints a Markdown row per case and the hardware.
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from lensflow.checkpoint import load_model
+from lensflow.data import SimulatedPairs
+from lensflow.solvers import SOLVERS
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="euclid")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one-lens-samples", type=int, default=10_000)
+    parser.add_argument("--batch-lenses", type=int, default=1000)
+    parser.add_argument("--batch-samples", type=int, default=100)
+    parser.add_argument("--n-steps", type=int, default=None)
+    parser.add_argument("--solver", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = load_model(args.model)
+    post = model.posterior.to(device).eval()
+    n_steps = args.n_steps or post.n_steps
+    solver = args.solver or post.solver
+    pairs = SimulatedPairs(model.simulator, model.data, device=device)
+    x = pairs.sample(args.batch_lenses, generator=torch.Generator(device).manual_seed(0)).x
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} threads, device {device} (GPU: {gpu}), "
+        f"model {args.model}, solver {solver} x {n_steps} steps "
+        f"({SOLVERS[solver][1] * n_steps} field evaluations), load {os.getloadavg()[0]:.2f}"
+    )
+    print("| case | lenses | samples per lens | wall time [s] | lenses/s | samples/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    cases = [
+        ("one lens", 1, args.one_lens_samples),
+        ("batch", args.batch_lenses, args.batch_samples),
+    ]
+    for label, b, n in cases:
+
+        def run(b=b, n=n) -> None:
+            with torch.no_grad():
+                post.sample(x[:b], n, n_steps=n_steps, solver=solver)
+
+        t = _time(run, device, args.repeats)
+        print(f"| {label} | {b} | {n} | {t:.3f} | {b / t:.1f} | {b * n / t:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
