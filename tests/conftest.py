@@ -38,6 +38,15 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for tiny networks and images: a second thread only adds contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def dtype(request) -> torch.dtype:
     return getattr(torch, request.config.getoption("--dtype"))
 

@@ -23,13 +23,7 @@ TINY_FLOW = FlowConfig(embed_dim=16, base_channels=4, n_stages=2, width=32, n_bl
                        time_dim=8, n_steps=4)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks: one thread avoids oversubscribing a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _observation(n_pix=20, seed=0):

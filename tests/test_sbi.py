@@ -138,15 +138,6 @@ def test_get_task_rejects_unknown_name():
         get_task("gaussian_linear")
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny networks run fastest on one thread, and a loaded CPU makes two threads crawl.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.filterwarnings("ignore:Stochastic Optimizer:UserWarning")  # capped C2ST epochs
 def test_benchmark_two_moons_small_budget_runs(one_thread):
     pytest.importorskip("sklearn")

@@ -24,13 +24,7 @@ TINY_TRAIN = TrainConfig(n_steps=50, batch_size=8, lr=1e-2, warmup_steps=5, val_
                          ema_decay=0.9, n_val=32, checkpoint_every=10)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks: one thread avoids oversubscribing a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(seed=0):
