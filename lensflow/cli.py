@@ -156,30 +156,213 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import torch
+    import time
 
-    from lensflow.checkpoint import load_model, model_path
+    from lensflow.checkpoint import load_control, load_model, model_path
     from lensflow.config import SampleConfig, run_provenance
-    from lensflow.sampling import sample_posterior, samples_table, summary_table
+    from lensflow.sampling import resolve_feedback, sample_posterior, samples_table, summary_table
 
-    config = SampleConfig(n_samples=args.n, n_steps=args.n_steps, seed=args.seed)
     obs = _load_observation(args)
     model = load_model(args.model)
-    generator = torch.Generator().manual_seed(config.seed)
-    samples = sample_posterior(obs, model, config.n_samples, n_steps=config.n_steps,
-                               solver=config.solver, generator=generator)  # fmt: skip
+    kind = resolve_feedback(model, args.feedback)
+    control = None if kind == "none" else load_control(kind, model)
+    n_steps = args.n_steps or (control.n_steps if control else model.flow.n_steps)
+    solver = control.solver if control else model.flow.solver
+    config = SampleConfig(n_samples=args.n, n_steps=n_steps, solver=solver, seed=args.seed)
+    start = time.perf_counter()
+    samples = sample_posterior(obs, model, config.n_samples, feedback=control or "none",
+                               seed=config.seed, n_steps=config.n_steps,
+                               solver=config.solver)  # fmt: skip
+    seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table, summary = samples_table(samples), summary_table(samples)
     for t in (table, summary):
-        t.meta.update({"observation": obs.name, "model": str(model_path(args.model))})
+        t.meta.update({"observation": obs.name, "model": str(model_path(args.model)),
+                       "feedback": kind})  # fmt: skip
     table.write(out / "samples.ecsv", overwrite=True)
     summary.write(out / "summary.ecsv", overwrite=True)
     provenance = run_provenance(config.seed, {"sample": config, "simulator": model.simulator})
     provenance |= {"observation": str(args.image), "model": str(model_path(args.model)),
-                   "model_training": model.meta.get("training", {})}  # fmt: skip
+                   "model_training": model.meta.get("training", {}), "feedback": kind,
+                   "feedback_requested": args.feedback,
+                   "control": None if control is None else str(control.path),
+                   "control_status": None if control is None else control.meta.get("status"),
+                   "sampling_s": seconds}  # fmt: skip
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    how = "no feedback" if control is None else f"{kind} feedback ({control.path.name})"
+    print(f"feedback: {how} [requested: {args.feedback}]; {config.solver}, "
+          f"{config.n_steps} steps, {seconds:.1f} s")  # fmt: skip
     print(f"wrote {config.n_samples} samples of {obs.name or args.image} to {out}/samples.ecsv")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import platform
+    import time
+
+    import torch
+
+    from lensflow.checkpoint import load_model, save_control
+    from lensflow.config import run_provenance
+    from lensflow.feedback import FinetuneConfig, finetune_lens
+
+    if args.steps < 1 or args.batch_size < 1 or not 0 <= args.t_start < 1:
+        raise ValueError(
+            f"--steps {args.steps} and --batch-size {args.batch_size} must be >= 1 and "
+            f"--t-start {args.t_start} in [0, 1)"
+        )
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, device=device)
+    cfg = FinetuneConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         t_start=args.t_start, n_steps_sample=args.n_steps_sample,
+                         solver=args.solver)  # fmt: skip
+    losses: list[float] = []
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    controlled = finetune_lens(
+        model, args.signal, cfg, generator=torch.Generator(device).manual_seed(args.seed),
+        device=device, progress=not args.quiet,
+        callback=lambda _step, loss: losses.append(loss),
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    k = max(1, len(losses) // 10)
+    hardware = (f"{torch.cuda.get_device_name(device)}" if str(device).startswith("cuda")
+                else f"cpu {platform.machine()} ({torch.get_num_threads()} torch threads)")  # fmt: skip
+    training = {
+        "steps": cfg.n_steps, "batch_size": cfg.batch_size, "wall_time_s": round(seconds, 1),
+        "device": hardware, "seed": args.seed,
+        "loss_first10pct": sum(losses[:k]) / k, "loss_last10pct": sum(losses[-k:]) / k,
+        "data": "data.SimulatedPairs over the model's PSF grid and depth ranges",
+        "command": "lensflow " + " ".join(sys.argv[1:]),
+    }  # fmt: skip
+    status = args.status or (
+        "provisional: CPU-trained" if not str(device).startswith("cuda") else "GPU-trained"
+    )
+    out = Path(args.out)
+    stem = out / f"{model.path.stem}-{args.signal}"
+    meta_path = save_control(stem, controlled, model, kind=args.signal, finetune=cfg,
+                             training=training, status=status)  # fmt: skip
+    provenance = run_provenance(args.seed, {"finetune": cfg})
+    provenance |= {"model": str(model.path), "control": str(meta_path), "training": training}
+    (out / f"{stem.name}-provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    n_par = json.loads(meta_path.read_text())["n_parameters"]
+    base = sum(p.numel() for p in model.posterior.parameters())
+    print(f"finetuned the {args.signal} control net ({n_par:,} parameters, {n_par / base:.1%} of "
+          f"the base flow's {base:,}) for {cfg.n_steps} steps in {seconds:.0f} s, loss "
+          f"{training['loss_first10pct']:.4f} -> {training['loss_last10pct']:.4f}; wrote "
+          f"{stem}.safetensors/.json")  # fmt: skip
+    if out.resolve() != model.path.parent.resolve():
+        print(f"copy both files beside {model.path} to make them its default feedback")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from lensflow.fit import fit_lens, resolve_preset, write_fit
+
+    obs = _load_observation(args)
+    if args.preset == "auto" and args.model is None:
+        chosen = resolve_preset(obs, "auto")
+        print(f'preset auto: {chosen} (pixel scale {obs.pixel_scale_arcsec:.4g}"/px)')
+    result = fit_lens(
+        obs, seed=args.seed, preset=args.preset, model=args.model, feedback=args.feedback,
+        n=args.n, device=args.device, n_steps=args.n_steps,
+        center_pix=tuple(args.center_pix) if args.center_pix else None,
+        center_radec=tuple(args.center) if args.center else None,
+    )  # fmt: skip
+    written = write_fit(result, args.out, plots=not args.no_plots)
+    q = result.samples.quantiles((0.16, 0.5, 0.84))[:, 0].tolist()
+    d = result.diagnostics
+    print(
+        f"{result.name}: {result.samples.method} ({result.preset}), {args.n} samples in "
+        f"{result.timings['sample']:.1f} s; theta_E = {q[1]:.4f} "
+        f"(+{q[2] - q[1]:.4f} / -{q[1] - q[0]:.4f}) arcsec"
+    )
+    flag = "reliable" if d.reliable else f"NOT reliable: {d.reason}"
+    print(f"reduced chi2 of posterior samples {d.chi2_red_samples:.2f}; {flag}")
+    print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {args.out}/")
+    return 0
+
+
+def _read_samples(path: str) -> tuple[object, str]:
+    """Posterior samples from a ``fit``/``sample`` output (FITS/ECSV table or its folder)."""
+    import torch
+    from astropy.table import Table
+
+    from lensflow.params import NAMES, REGISTRY
+    from lensflow.sampling import PosteriorSamples
+
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in ("samples.fits", "samples.ecsv") if (p / n).is_file()]
+        if not found:
+            raise ValueError(f"{p}: no samples.fits or samples.ecsv in this folder")
+        p = found[0]
+    if not p.is_file():
+        raise ValueError(f"{p}: no such samples file")
+    try:
+        table = Table.read(p)
+    except Exception as err:  # noqa: BLE001 - astropy raises many types for unreadable tables
+        raise ValueError(f"{p}: cannot read a samples table ({err})") from None
+    missing = [n for n in NAMES if n not in table.colnames]
+    if missing:
+        raise ValueError(f"{p}: missing parameter column(s) {', '.join(missing)}")
+    units = {s.name: s.unit for s in REGISTRY}
+    cols = []
+    for n in NAMES:
+        col = table[n]
+        if col.unit is not None and units[n]:
+            col = col.quantity.to_value(units[n])
+        cols.append(torch.as_tensor(list(col), dtype=torch.float64))
+    meta = {k.lower(): v for k, v in table.meta.items()}
+    method = str(meta.get("method", p.parent.name))
+    return PosteriorSamples(torch.stack(cols, 1), NAMES, None, method), str(meta.get("lensid", ""))
+
+
+def _cmd_corner(args: argparse.Namespace) -> int:
+    from astropy.table import Table
+
+    from lensflow.params import NAMES, REGISTRY
+    from lensflow.plots import CORNER_LEVELS, corner_plot
+
+    posts, ids = zip(*(_read_samples(s) for s in args.samples), strict=True)
+    params = [p.strip() for p in args.params.split(",")] if args.params else list(NAMES)
+    unknown = [p for p in params if p not in NAMES]
+    if unknown:
+        raise ValueError(f"--params: unknown parameter(s) {', '.join(unknown)}; see "
+                         "docs/conventions.md for the names")  # fmt: skip
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    if labels is not None and len(labels) != len(posts):
+        raise ValueError(f"--labels has {len(labels)} entries for {len(posts)} sample files")
+    truths = None
+    if args.truths:
+        table = Table.read(args.truths)
+        if len(table) > 1:
+            want = args.truth_id or ids[0]
+            if "id" not in table.colnames or want not in list(table["id"]):
+                raise ValueError(f"{args.truths}: {len(table)} rows and no row with id "
+                                 f"{want!r}; pass --truth-id")  # fmt: skip
+            table = table[[str(i) == want for i in table["id"]]]
+        missing = [p for p in params if p not in table.colnames]
+        if missing:
+            raise ValueError(f"{args.truths}: no column(s) {', '.join(missing)}")
+        units = {s.name: s.unit for s in REGISTRY}
+        truths = [
+            float(table[p].quantity[0].to_value(units[p]))
+            if table[p].unit is not None and units[p] else float(table[p][0])
+            for p in params
+        ]  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    corner_plot(list(posts), [out], labels=labels, params=params, truths=truths,
+                title=args.title)  # fmt: skip
+    lv = " and ".join(f"{100 * c:.0f}%" for c in CORNER_LEVELS)
+    print(f"wrote {out}")
+    print(f"caption: 2-D contours enclose {lv} of the posterior mass; diagonal panels show "
+          "the 1-D marginal densities" + ("" if truths is None else "; black lines mark the "
+          "true values") + ".")  # fmt: skip
     return 0
 
 
@@ -262,10 +445,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="PRESET_OR_PATH",
                    help="shipped model name (euclid, hst) or a model path")  # fmt: skip
     p.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
-    p.add_argument("--n-steps", type=int, default=32, help="ODE steps (default: 32)")
+    p.add_argument("--n-steps", type=int, help="ODE steps (default: the control net's with "
+                   "feedback, else the model's)")  # fmt: skip
+    p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
+                   help="simulator feedback: auto (gradient if its control net exists, else "
+                   "learned, else none; the default), gradient, learned or none")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser(
+        "finetune",
+        help="finetune a simulator-feedback control net for a trained model",
+        description="Freeze the model and train a small control network on lenses simulated "
+        "over the model's PSF and depth ranges, with the chosen control signal (simulator "
+        "gradient, learned residual encoder, or zeros for the ablation). Writes "
+        "OUT/<model>-<signal>.safetensors/.json (referencing the base weights' SHA-256) "
+        "and a provenance file; placed beside the model, `lensflow sample` uses it.",
+    )
+    p.add_argument("--model", required=True, metavar="PRESET_OR_PATH",
+                   help="shipped model name (euclid, hst) or a model path")  # fmt: skip
+    p.add_argument("--signal", required=True, choices=["gradient", "learned", "zero"],
+                   help="control signal")  # fmt: skip
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="lenses per step (default: 64)")
+    p.add_argument("--t-start", type=float, default=0.8,
+                   help="control acts for t > t_start (default: 0.8)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    p.add_argument("--n-steps-sample", type=int, default=40,
+                   help="default sampler steps stored with the control (default: 40)")  # fmt: skip
+    p.add_argument("--solver", default="euler", help="default sampler solver (default: euler)")
+    p.add_argument("--status", help="status label (default: provisional: CPU-trained on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, times and noise")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser(
+        "fit",
+        help="fit an observed lens: posterior samples, summary, corner and residual plots",
+        description="Cut the observation to the model's field of view around the lens centre, "
+        "sample the posterior (with simulator feedback when the model has a control network), "
+        "check it, and write OUT/samples.fits (one column per parameter, units), "
+        "OUT/summary.ecsv (median, 16/84th and 2.5/97.5th percentiles, diagnostics, "
+        "reliable flag), OUT/corner.pdf/.png, OUT/residuals.png and OUT/provenance.json.",
+    )
+    _add_observation_args(p)
+    centre = p.add_mutually_exclusive_group()
+    centre.add_argument("--center", nargs=2, type=float, metavar=("RA", "DEC"),
+                        help="lens centre in degrees (needs a celestial WCS)")  # fmt: skip
+    centre.add_argument("--center-pix", nargs=2, type=float, metavar=("X", "Y"),
+                        help="lens centre, 0-based pixel (column, row)")  # fmt: skip
+    p.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)],
+                   help="model preset; auto picks it from the pixel scale (default)")  # fmt: skip
+    p.add_argument("--model", metavar="PATH", help="a trained model instead of the preset's")
+    p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
+                   help="simulator feedback (default auto: gradient when shipped)")  # fmt: skip
+    p.add_argument("-n", type=int, default=10_000, help="number of samples (default: 10000)")
+    p.add_argument("--n-steps", type=int, help="ODE steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--no-plots", action="store_true", help="skip corner and residual figures")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser(
+        "corner",
+        help="corner plot of one or several posteriors (overlaid), for papers",
+        description="Overlay posterior samples (samples.fits/.ecsv or fit output folders) in "
+        "one corner plot with 68%% and 95%% contours, registry LaTeX labels with units, "
+        "optional truths, sized for a two-column journal figure; PDF is vector.",
+    )
+    p.add_argument("samples", nargs="+", help="samples tables or fit output folders")
+    p.add_argument("--truths", metavar="TABLE", help="table of true values (registry columns)")
+    p.add_argument("--truth-id", metavar="ID", help="row of a multi-row truths table (id column)")
+    p.add_argument("--params", metavar="P1,P2,...", help="parameters to show (default: all)")
+    p.add_argument("--labels", metavar="L1,L2,...", help="legend label per samples file")
+    p.add_argument("--title", help="figure title")
+    p.add_argument("--out", required=True, metavar="FILE", help="output figure (.pdf, .png)")
+    p.set_defaults(func=_cmd_corner)
     return parser
 
 

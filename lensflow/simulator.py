@@ -247,6 +247,30 @@ class LensSimulator(nn.Module):
         images = images * self._pixel_area
         return images[0] if single else images.reshape(*theta.shape[:-1], *self.image_shape)
 
+    def source_plane(self, theta: Tensor, *, centered: bool = True) -> Tensor:
+        """The unlensed source light on the image's pixel grid (no PSF, no supersampling).
+
+        Args:
+            theta: Physical parameters, shape ``(21,)``, columns ``params.NAMES``.
+            centered: Centre the grid on the source centre (else on the optical axis).
+
+        Returns:
+            Source-plane surface brightness times pixel area (flux per pixel), shape
+            ``(H, W)``, on a grid of the image's pixel scale; with ``centered`` the
+            source centre sits at the grid centre.
+        """
+        if theta.ndim != 1 or theta.shape[0] != len(NAMES):
+            raise ValueError(f"theta must have shape ({len(NAMES)},), got {tuple(theta.shape)}")
+        values = to_caustics(theta.to(self._dtype))
+        params = torch.stack([values[f"source.{k}"] for k in ("x0", "y0", "q", "phi", "n",
+                                                                "Re", "Ie")])  # fmt: skip
+        n, s = self.config.n_pix, self.config.pixel_scale_arcsec
+        axis = (torch.arange(n, dtype=self._dtype, device=params.device) - (n - 1) / 2) * s
+        gx, gy = torch.meshgrid(axis, axis, indexing="xy")
+        if centered:
+            gx, gy = gx + params[0], gy + params[1]
+        return self.caustics_sim.source.brightness(gx, gy, params) * self._pixel_area
+
     def log_likelihood(
         self, theta: Tensor, x_obs: Tensor, sigma: Tensor, mask: Tensor | None = None
     ) -> Tensor:

@@ -1,0 +1,697 @@
+"""Stage 6: fit observed lenses end to end: preset, cut, sample, diagnose, write.
+
+``fit_lenses`` is what ``lensflow fit`` and ``lensflow catalog`` run: it picks the shipped
+model for each observation (``preset="auto"`` chooses by pixel scale), cuts the cutout to
+the model's field of view around the requested centre, samples the posterior of every lens
+sharing a model in one batched call (with simulator feedback when a control network is
+available), and computes the diagnostics that say when the amortized answer should not be
+trusted. ``write_fit`` writes a lens's results into a folder; ``fit`` does everything for
+one image file in one call (for notebooks).
+
+Diagnostics (``Diagnostics``; thresholds in ``RELIABILITY``, measured in docs/fit.md):
+
+* ``chi2_red_median``: reduced chi^2 of the model at the marginal posterior medians.
+* ``chi2_red_samples``: mean reduced chi^2 of up to 64 posterior samples, re-simulated with
+  the observation's own PSF, noise map and mask (about ``1 + 1/2 * D / N_pix`` for a
+  calibrated posterior of a well-described lens).
+* ``residual_coherence``: ``9 * mean(box3(r)^2) / mean(r^2)`` of the normalized residual
+  ``r`` at the median: 1 for white residuals, up to 9 when the residual is spatially
+  coherent (unmodelled structure, wrong PSF).
+* ``psf_fwhm_arcsec`` and ``noise_rms`` against the ranges the model was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lensflow import __version__
+from lensflow.config import PRESETS
+from lensflow.cutouts import cut_to_fov
+from lensflow.observation import Observation, load_observation
+from lensflow.params import REGISTRY
+from lensflow.sampling import PosteriorSamples, sample_posteriors, samples_table
+
+if TYPE_CHECKING:
+    from astropy.table import Table
+
+    from lensflow.checkpoint import TrainedPosterior
+
+__all__ = [
+    "MODEL_PIXEL_SCALES",
+    "RELIABILITY",
+    "SUMMARY_QUANTILES",
+    "Diagnostics",
+    "FitResult",
+    "diagnose",
+    "fit",
+    "fit_lens",
+    "fit_lenses",
+    "resolve_preset",
+    "summary_row",
+    "write_fit",
+]
+
+#: Pixel scale (arcsec) of each preset's model grid, for ``preset="auto"``.
+MODEL_PIXEL_SCALES: dict[str, float] = {k: v.pixel_scale_arcsec for k, v in PRESETS.items()}
+
+#: ``auto`` accepts an observation whose pixel scale is within this factor of a preset's.
+MAX_SCALE_RATIO = 2.0
+
+#: Summary quantiles: column suffix -> quantile.
+SUMMARY_QUANTILES: dict[str, float] = {
+    "median": 0.5,
+    "p16": 0.16,
+    "p84": 0.84,
+    "p2p5": 0.025,
+    "p97p5": 0.975,
+}
+
+#: Thresholds of the ``reliable`` flag (docs/fit.md gives the measured firing rates).
+RELIABILITY: dict[str, float] = {
+    "chi2_red_samples_max": 1.5,  # posterior samples fit the data much worse than noise
+    "residual_coherence_max": 2.0,  # spatially coherent residual structure
+    "range_tolerance": 0.15,  # PSF / noise may exceed the training range by this fraction
+}
+
+#: Posterior samples re-simulated for ``chi2_red_samples``.
+N_DIAGNOSTIC_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """When not to trust the amortized posterior of one lens.
+
+    Attributes:
+        chi2_red_median: Reduced chi^2 at the marginal posterior medians.
+        chi2_red_samples: Mean reduced chi^2 of re-simulated posterior samples.
+        residual_coherence: 1 for white normalized residuals, up to 9 for coherent ones.
+        psf_fwhm_arcsec: The observation's PSF FWHM (Gaussian fit), arcsec.
+        noise_rms: Median noise sigma over unmasked pixels, image units.
+        reliable: True when no check fired.
+        reason: Semicolon-separated reasons; empty when reliable.
+    """
+
+    chi2_red_median: float
+    chi2_red_samples: float
+    residual_coherence: float
+    psf_fwhm_arcsec: float
+    noise_rms: float
+    reliable: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The posterior of one lens with what is needed to write and audit it.
+
+    Attributes:
+        name: Lens id (the observation's name unless given).
+        samples: Posterior samples, ``theta`` ``(N, 21)``, physical units.
+        observation: The cut observation the model saw (model grid), on the CPU.
+        model_image: Noiseless model at the posterior medians ``(H, W)``, image units.
+        source_image: Unlensed source model at the medians ``(H, W)``, image units.
+        diagnostics: Reliability diagnostics.
+        preset: ``"hst"`` or ``"euclid"`` (or ``"custom"`` for a model path).
+        feedback: ``"gradient"``, ``"learned"`` or ``"none"``: what was used.
+        seed: Seed of the base noise.
+        timings: Wall times in s: ``"sample"`` (share of the batched call), ``"diagnose"``.
+        provenance: JSON-able record: inputs with SHA-256, model ids, version, device.
+    """
+
+    name: str
+    samples: PosteriorSamples
+    observation: Observation
+    model_image: Tensor
+    source_image: Tensor
+    diagnostics: Diagnostics
+    preset: str
+    feedback: str
+    seed: int
+    timings: dict[str, float]
+    provenance: dict[str, Any]
+
+
+def resolve_preset(obs: Observation, preset: str = "auto") -> str:
+    """The preset whose model serves an observation.
+
+    Args:
+        obs: The observation.
+        preset: ``"auto"`` (by pixel scale) or a preset name.
+
+    Returns:
+        The preset name.
+
+    Raises:
+        ValueError: For an unknown preset, or a pixel scale more than ``MAX_SCALE_RATIO``
+            from every (or the requested) preset's.
+
+    Example:
+        >>> import torch
+        >>> o = Observation(torch.zeros(80, 80), torch.ones(80, 80), torch.ones(1, 1), 0.1)
+        >>> resolve_preset(o)
+        'euclid'
+    """
+    where = obs.meta.get("image_path") or obs.name or "observation"
+    scale = obs.pixel_scale_arcsec
+    if preset != "auto" and preset not in MODEL_PIXEL_SCALES:
+        raise ValueError(
+            f"unknown preset {preset!r}; choose auto or one of {', '.join(sorted(PRESETS))}"
+        )
+    candidates = MODEL_PIXEL_SCALES if preset == "auto" else {preset: MODEL_PIXEL_SCALES[preset]}
+    best = min(candidates, key=lambda k: abs(math.log(scale / candidates[k])))
+    ratio = max(scale / candidates[best], candidates[best] / scale)
+    if ratio > MAX_SCALE_RATIO:
+        known = ", ".join(f'{k} {v:g}"/px' for k, v in sorted(MODEL_PIXEL_SCALES.items()))
+        raise ValueError(
+            f'{where}: pixel scale {scale:.4g}"/px is far from the shipped models ({known}); '
+            "check --pixel-scale or train a model for this instrument"
+        )
+    return best
+
+
+_MODELS: dict[tuple[str, str], TrainedPosterior] = {}
+
+
+def _load(model: str | Path, device: torch.device) -> TrainedPosterior:
+    """A loaded model, cached per process (catalog workers load each model once)."""
+    from lensflow.checkpoint import load_model, model_path
+
+    key = (str(model_path(model)), str(device))
+    if key not in _MODELS:
+        _MODELS[key] = load_model(model, device=device)
+    return _MODELS[key]
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available")
+    return dev
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _inputs(obs: Observation) -> dict[str, dict[str, str]]:
+    """The observation's input files with their SHA-256."""
+    out = {}
+    for role in ("image", "noise", "weight", "psf", "mask"):
+        path = obs.meta.get(f"{role}_path")
+        if path and Path(path).is_file():
+            out[role] = {"path": str(path), "sha256": _sha256(path)}
+    return out
+
+
+def _center_pix(
+    obs: Observation,
+    center_pix: tuple[float, float] | None,
+    center_radec: tuple[float, float] | None,
+) -> tuple[float, float] | None:
+    where = obs.meta.get("image_path") or obs.name or "observation"
+    if center_pix is not None and center_radec is not None:
+        raise ValueError(f"{where}: give the centre in pixels or in RA/Dec, not both")
+    if center_radec is None:
+        return None if center_pix is None else (float(center_pix[0]), float(center_pix[1]))
+    if obs.wcs is None or not obs.wcs.has_celestial:
+        raise ValueError(
+            f"{where}: has no celestial WCS, so --center RA DEC cannot be used; "
+            "give --center-pix X Y instead"
+        )
+    from astropy.coordinates import SkyCoord
+
+    coord = SkyCoord(center_radec[0], center_radec[1], unit="deg")
+    x, y = obs.wcs.celestial.world_to_pixel(coord)
+    h, w = obs.shape
+    if not (-0.5 <= float(x) <= w - 0.5 and -0.5 <= float(y) <= h - 0.5):
+        raise ValueError(
+            f"{where}: centre RA, Dec = {center_radec[0]:.6f}, {center_radec[1]:.6f} deg "
+            f"falls outside the {h}x{w} px cutout (pixel {float(x):.1f}, {float(y):.1f})"
+        )
+    return float(x), float(y)
+
+
+def _box3(r: Tensor) -> Tensor:
+    k = torch.ones(1, 1, 3, 3, dtype=r.dtype, device=r.device) / 9
+    return torch.nn.functional.conv2d(r[None, None], k)[0, 0]
+
+
+def diagnose(
+    obs: Observation,
+    samples: PosteriorSamples,
+    model: TrainedPosterior,
+    *,
+    n_samples: int = N_DIAGNOSTIC_SAMPLES,
+) -> tuple[Diagnostics, Tensor, Tensor]:
+    """Reliability diagnostics of one lens's posterior (module docstring).
+
+    Args:
+        obs: The cut observation (model grid) the samples were drawn for.
+        samples: Its posterior samples, ``(N, 21)``.
+        model: The model that drew them (for the training ranges and the preset's
+            supersampling).
+        n_samples: Posterior samples re-simulated for ``chi2_red_samples``.
+
+    Returns:
+        The diagnostics, the model image at the medians ``(H, W)`` and the unlensed source
+        ``(H, W)``, float64 on the CPU.
+    """
+    from lensflow.simulator import LensSimulator
+
+    obs = obs.to(torch.float64, "cpu")
+    h, _ = obs.shape
+    cfg = dataclasses.replace(model.simulator, n_pix=h, pixel_scale_arcsec=obs.pixel_scale_arcsec)
+    sim = LensSimulator(cfg, psf_kernel=obs.psf, dtype=torch.float64)
+    theta = samples.theta.detach().double().cpu()
+    median = torch.quantile(theta, 0.5, dim=0)
+    pick = torch.linspace(0, theta.shape[0] - 1, min(n_samples, theta.shape[0])).long()
+    with torch.no_grad():
+        images = sim(torch.cat([median[None], theta[pick]]))
+        source = sim.source_plane(median)
+    used = obs.mask
+    n_used = max(int(used.sum()), 1)
+    resid = torch.where(used, (obs.image - images) / obs.sigma, 0.0)
+    chi2 = (resid**2).sum(dim=(-2, -1)) / n_used
+    r0 = resid[0]
+    inner = used[1:-1, 1:-1] & (_box3(used.double()) > 1 - 1e-9)  # all 9 pixels used
+    box = _box3(r0)
+    if int(inner.sum()) > 0 and float((r0**2).sum()) > 0:
+        coherence = 9 * float((box[inner] ** 2).mean()) / float((r0[used] ** 2).mean())
+    else:
+        coherence = float("nan")
+    fwhm = float(obs.psf_fwhm_arcsec)
+    noise = float(obs.sigma[used].median()) if bool(used.any()) else float("nan")
+    d, tol = model.data, RELIABILITY["range_tolerance"]
+    reasons = []
+    chi2_samples = float(chi2[1:].mean())
+    if not math.isfinite(chi2_samples) or chi2_samples > RELIABILITY["chi2_red_samples_max"]:
+        reasons.append(f"posterior samples fit poorly (reduced chi2 {chi2_samples:.2f})")
+    if math.isfinite(coherence) and coherence > RELIABILITY["residual_coherence_max"]:
+        reasons.append(f"structured residuals (coherence {coherence:.2f})")
+    lo, hi = d.psf_fwhm_min_arcsec * (1 - tol), d.psf_fwhm_max_arcsec * (1 + tol)
+    if not lo <= fwhm <= hi:
+        reasons.append(
+            f'PSF FWHM {fwhm:.3f}" outside the training range '
+            f'{d.psf_fwhm_min_arcsec:.3f}-{d.psf_fwhm_max_arcsec:.3f}"'
+        )
+    # The median sigma includes source Poisson noise, so only the lower side is strict.
+    lo, hi = d.background_rms_min * (1 - tol), d.background_rms_max * 3
+    if not lo <= noise <= hi:
+        reasons.append(
+            f"noise level {noise:.3g} outside the training range "
+            f"{d.background_rms_min:.3g}-{d.background_rms_max:.3g}"
+        )
+    diag = Diagnostics(
+        chi2_red_median=float(chi2[0]),
+        chi2_red_samples=chi2_samples,
+        residual_coherence=coherence,
+        psf_fwhm_arcsec=fwhm,
+        noise_rms=noise,
+        reliable=not reasons,
+        reason="; ".join(reasons),
+    )
+    return diag, images[0], source
+
+
+def _model_id(model: TrainedPosterior, spec: str | Path) -> dict[str, Any]:
+    from lensflow.checkpoint import model_path
+
+    path = model_path(spec)
+    weights = path.with_suffix(".safetensors")
+    return {
+        "name": str(spec),
+        "path": str(path),
+        "sha256": _sha256(weights) if weights.is_file() else None,
+        "status": model.meta.get("status"),
+        "lensflow_version": model.meta.get("lensflow_version"),
+    }
+
+
+def fit_lenses(
+    observations: Sequence[Observation],
+    *,
+    preset: str | Sequence[str] = "auto",
+    model: str | Path | None = None,
+    feedback: str = "auto",
+    n: int = 10_000,
+    seeds: Sequence[int] | int = 0,
+    centers_pix: Sequence[tuple[float, float] | None] | None = None,
+    centers_radec: Sequence[tuple[float, float] | None] | None = None,
+    names: Sequence[str] | None = None,
+    device: str | torch.device = "auto",
+    n_steps: int | None = None,
+    chunk: int | None = None,
+) -> list[FitResult]:
+    """Posteriors and diagnostics of many observed lenses, batched per model.
+
+    Every lens's samples depend only on its own seed, not on which lenses share its batch.
+
+    Args:
+        observations: Observations (any size and pixel scale covering the model's field).
+        preset: ``"auto"``, a preset name, or one per observation.
+        model: A model path (or shipped name) used for every lens instead of the preset's.
+        feedback: ``"auto"`` (the shipped control network when there is one), ``"gradient"``,
+            ``"learned"`` or ``"none"``.
+        n: Posterior samples per lens.
+        seeds: One seed, or one per lens (default 0: lens ``i`` then uses seed ``i``).
+        centers_pix: Optional lens centre per observation, 0-based pixel ``(x, y)``.
+        centers_radec: Optional lens centre per observation, ``(RA, Dec)`` in degrees.
+        names: Lens ids (default: the observations' names).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        n_steps: ODE steps (default: the model's or the control network's).
+        chunk: Lenses per batched solve (default: about 2e5 sample rows per solve).
+
+    Returns:
+        One ``FitResult`` per observation, in order.
+
+    Raises:
+        ValueError: On a bad preset, pixel scale, centre, feedback kind or a field of view
+            that does not fit in a cutout (the message names the file).
+    """
+    if n < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {n}")
+    m = len(observations)
+    seed_list = [seeds + i for i in range(m)] if isinstance(seeds, int) else list(seeds)
+    presets = [preset] * m if isinstance(preset, str) else list(preset)
+    cpix = list(centers_pix) if centers_pix is not None else [None] * m
+    cradec = list(centers_radec) if centers_radec is not None else [None] * m
+    names = list(names) if names is not None else [o.name or f"lens{i}" for i, o in
+                                                   enumerate(observations)]  # fmt: skip
+    for what, seq in (("seeds", seed_list), ("preset", presets), ("centers_pix", cpix),
+                      ("centers_radec", cradec), ("names", names)):  # fmt: skip
+        if len(seq) != m:
+            raise ValueError(f"{what} has {len(seq)} entries for {m} observations")
+    dev = _device(device)
+    t0 = time.perf_counter()
+    groups: dict[str, list[int]] = {}
+    resolved = []
+    for i, obs in enumerate(observations):
+        p = "custom" if model is not None else resolve_preset(obs, presets[i])
+        resolved.append(p)
+        groups.setdefault(str(model) if model is not None else p, []).append(i)
+    results: list[FitResult | None] = [None] * m
+    for spec, idx in groups.items():
+        trained = _load(spec, dev)
+        model_id = _model_id(trained, spec)
+        cut = [
+            cut_to_fov(observations[i], trained.simulator,
+                       center_pix=_center_pix(observations[i], cpix[i], cradec[i]))
+            for i in idx
+        ]  # fmt: skip
+        t_load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        lens_chunk = chunk or max(1, 200_000 // n)
+        samples = sample_posteriors(
+            cut,
+            trained,
+            n,
+            feedback=feedback,
+            n_steps=n_steps,
+            seeds=[seed_list[i] for i in idx],
+            chunk=lens_chunk,
+        )
+        if dev.type == "cuda":  # fmt: skip
+            torch.cuda.synchronize()
+        t_sample = (time.perf_counter() - t1) / len(idx)
+        for j, i in enumerate(idx):
+            s = samples[j]
+            s = dataclasses.replace(
+                s,
+                theta=s.theta.detach().cpu(),
+                log_prob=None if s.log_prob is None else s.log_prob.cpu(),
+            )
+            if not torch.isfinite(s.theta).all():  # fmt: skip
+                raise ValueError(f"{names[i]}: the sampler returned non-finite parameters")
+            t2 = time.perf_counter()
+            diag, image, source = diagnose(cut[j], s, trained)
+            used = s.method.split("+")[1] if "+" in s.method else "none"
+            obs_cpu = cut[j].to(torch.float64, "cpu")
+            results[i] = FitResult(
+                name=names[i],
+                samples=s,
+                observation=obs_cpu,
+                model_image=image,
+                source_image=source,
+                diagnostics=diag,
+                preset=resolved[i],
+                feedback=used,
+                seed=seed_list[i],
+                timings={"load": t_load, "sample": t_sample, "diagnose": time.perf_counter() - t2},
+                provenance={
+                    "lensflow_version": __version__,
+                    "name": names[i],
+                    "inputs": _inputs(observations[i]),
+                    "pixel_scale_arcsec": observations[i].pixel_scale_arcsec,
+                    "band": observations[i].band,
+                    "cut_center_pix": cut[j].meta.get("cut_center_pix"),
+                    "preset": resolved[i],
+                    "model": model_id,
+                    "feedback": used,
+                    "method": s.method,
+                    "n_samples": n,
+                    "n_steps": n_steps,
+                    "seed": seed_list[i],
+                    "device": str(dev),
+                    "device_name": torch.cuda.get_device_name(dev)
+                    if dev.type == "cuda"
+                    else platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads(),
+                },
+            )
+    return [r for r in results if r is not None]
+
+
+def fit_lens(
+    observation: Observation,
+    *,
+    seed: int = 0,
+    center_pix: tuple[float, float] | None = None,
+    center_radec: tuple[float, float] | None = None,
+    name: str | None = None,
+    preset: str = "auto",
+    model: str | Path | None = None,
+    feedback: str = "auto",
+    n: int = 10_000,
+    device: str | torch.device = "auto",
+    n_steps: int | None = None,
+) -> FitResult:
+    """Posterior and diagnostics of one observed lens (``fit_lenses`` for one lens).
+
+    Args:
+        observation: The observation.
+        seed: Seed of the base noise.
+        center_pix: Optional lens centre, 0-based pixel ``(x, y)``.
+        center_radec: Optional lens centre ``(RA, Dec)`` in degrees.
+        name: Lens id (default: the observation's name).
+        preset: ``"auto"`` or a preset name.
+        model: A model path (or shipped name) instead of the preset's.
+        feedback: ``"auto"``, ``"gradient"``, ``"learned"`` or ``"none"``.
+        n: Posterior samples.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        n_steps: ODE steps (default: the model's or the control network's).
+
+    Returns:
+        The fit result.
+    """
+    return fit_lenses([observation], seeds=[seed], centers_pix=[center_pix],
+                      centers_radec=[center_radec],
+                      names=None if name is None else [name], preset=preset, model=model,
+                      feedback=feedback, n=n, device=device, n_steps=n_steps)[0]  # fmt: skip
+
+
+def summary_row(samples: PosteriorSamples) -> dict[str, Any]:
+    """Summary columns of one posterior: ``<param>_<q>`` for ``SUMMARY_QUANTILES``.
+
+    Args:
+        samples: Posterior samples, ``(N, D)``.
+
+    Returns:
+        Column name -> astropy ``Quantity`` (registry unit) or float (dimensionless).
+    """
+    import astropy.units as u
+
+    units = {p.name: p.unit for p in REGISTRY}
+    q = samples.quantiles(tuple(SUMMARY_QUANTILES.values())).cpu().numpy()
+    row: dict[str, Any] = {}
+    for i, name in enumerate(samples.names):
+        unit = units.get(name) or ""
+        for j, suffix in enumerate(SUMMARY_QUANTILES):
+            value = float(q[j, i])
+            row[f"{name}_{suffix}"] = value * u.Unit(unit) if unit else value
+    return row
+
+
+def summary_table(result: FitResult) -> Table:
+    """One-row summary table of a fit: quantiles, diagnostics and ``reliable``.
+
+    Args:
+        result: The fit.
+
+    Returns:
+        Astropy table with ``id``, the ``summary_row`` columns, the ``Diagnostics`` fields,
+        ``preset``, ``feedback``, ``method`` and ``n_samples``.
+    """
+    import astropy.units as u
+    from astropy.table import QTable, Table
+
+    row = summary_row(result.samples)
+    diag = dataclasses.asdict(result.diagnostics)
+    table = QTable(
+        meta={
+            "lensflow_version": __version__,
+            "quantiles": dict(SUMMARY_QUANTILES),
+            "method": result.samples.method,
+        }
+    )
+    table["id"] = [result.name]
+    for key, value in row.items():
+        table[key] = [value.value] * value.unit if isinstance(value, u.Quantity) else [value]
+    for key, value in diag.items():
+        table[key] = [value]
+    table["psf_fwhm_arcsec"].unit = u.arcsec
+    table["preset"] = [result.preset]
+    table["feedback"] = [result.feedback]
+    table["method"] = [result.samples.method]
+    table["n_samples"] = [int(result.samples.theta.shape[0])]
+    return Table(table)
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (no partial file is ever seen)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
+                               dir=path.parent)  # fmt: skip
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_fit(result: FitResult, out: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write a fit into a folder, each file atomically (temporary file + rename).
+
+    Files: ``samples.fits`` (binary table, one column per registry name, units set),
+    ``summary.ecsv`` (``summary_table``), ``provenance.json`` and, with ``plots``,
+    ``corner.pdf``, ``corner.png`` and ``residuals.png``.
+
+    Args:
+        result: The fit.
+        out: Output folder (created).
+        plots: Also write the figures (needs matplotlib and corner).
+
+    Returns:
+        File role -> path written.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    samples = samples_table(result.samples)
+    samples.meta.update({"LENSID": result.name, "METHOD": result.samples.method,
+                         "SEED": result.seed, "LFVERS": __version__})  # fmt: skip
+    written["samples"] = _atomic(
+        out / "samples.fits", lambda p: samples.write(p, format="fits", overwrite=True)
+    )
+    summary = summary_table(result)
+    written["summary"] = _atomic(
+        out / "summary.ecsv", lambda p: summary.write(p, format="ascii.ecsv", overwrite=True)
+    )
+    if plots:
+        from lensflow import plots as lp
+
+        title = f"{result.name} ({result.preset}, {result.samples.method})"
+        for suffix in ("pdf", "png"):
+            written[f"corner_{suffix}"] = _atomic(
+                out / f"corner.{suffix}",
+                lambda p: lp.corner_plot(result.samples, p, title=title),
+            )
+        written["residuals"] = _atomic(
+            out / "residuals.png",
+            lambda p: lp.residual_plot(result.observation, result.model_image, p,
+                                       source=result.source_image, title=title),
+        )  # fmt: skip
+    provenance = {
+        **result.provenance,
+        "diagnostics": dataclasses.asdict(result.diagnostics),
+        "timings_s": result.timings,
+        "outputs": {k: v.name for k, v in written.items()},
+    }
+    written["provenance"] = _atomic(
+        out / "provenance.json",
+        lambda p: p.write_text(json.dumps(provenance, indent=2, default=str) + "\n"),
+    )
+    return written
+
+
+def fit(
+    image: str | Path,
+    *,
+    noise: str | Path | None = None,
+    weight: str | Path | None = None,
+    psf: str | Path | None = None,
+    pixel_scale: float | None = None,
+    band: str | None = None,
+    mask: str | Path | None = None,
+    center_radec: tuple[float, float] | None = None,
+    center_pix: tuple[float, float] | None = None,
+    preset: str = "auto",
+    feedback: str = "auto",
+    n: int = 10_000,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+    plots: bool = True,
+) -> PosteriorSamples:
+    """Fit one observed lens from its files in one call (what ``lensflow fit`` runs).
+
+    Args:
+        image: Image file (FITS, multi-extension FITS with ``band``, or lenstronomy HDF5).
+        noise: Noise (sigma) map file; or ``weight``, an inverse-variance map.
+        weight: Weight map file.
+        psf: PSF kernel file.
+        pixel_scale: Pixel scale in arcsec (overrides the header).
+        band: Band of a multi-extension file.
+        mask: Mask file (nonzero = excluded).
+        center_radec: Lens centre ``(RA, Dec)``, degrees.
+        center_pix: Lens centre, 0-based pixel ``(x, y)``.
+        preset: ``"auto"`` (by pixel scale), ``"hst"`` or ``"euclid"``.
+        feedback: ``"auto"``, ``"gradient"``, ``"learned"`` or ``"none"``.
+        n: Number of posterior samples.
+        seed: Seed of the base noise.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        out: Optional output folder for ``write_fit``.
+        plots: Write the figures into ``out``.
+
+    Returns:
+        The posterior samples, ``theta`` ``(n, 21)`` in physical units.
+    """
+    obs = load_observation(image, noise=noise, weight=weight, psf=psf,
+                           pixel_scale_arcsec=pixel_scale, band=band, mask=mask)  # fmt: skip
+    result = fit_lens(obs, seed=seed, center_pix=center_pix, center_radec=center_radec,
+                      preset=preset, feedback=feedback, n=n, device=device)  # fmt: skip
+    if out is not None:
+        write_fit(result, out, plots=plots)
+    return result.samples
