@@ -12,6 +12,16 @@ Compatibility rule for the version: below 1.0 the minor version is the breaking 
 
 Shipped models live in ``lensflow/models/<preset>.safetensors`` and are loaded by preset
 name (``load_model("euclid")``).
+
+Control networks (simulator feedback, ``lensflow.feedback``) are checkpointed the same way,
+next to the base model they belong to: ``<base stem>-<signal>.safetensors/.json``, e.g.
+``lensflow/models/euclid-gradient.*`` for the shipped euclid model or ``run/model-learned.*``
+beside ``run/model.json``. The sidecar records the base (name or path and the SHA-256 of its
+weights, checked on load), the preset, the signal kind, the finetuning config, the parameter
+count, the training record and a status. :func:`available_feedback` lists the control nets of
+a model and :func:`load_control` loads one as a :class:`TrainedControl`, which builds the
+controlled posterior for given (cut) observations: the feedback cost depends on each
+observation's PSF, noise map, mask and pixel grid.
 """
 
 from __future__ import annotations
@@ -19,10 +29,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,16 +41,35 @@ from safetensors.torch import load_file, save_file
 from lensflow import __version__
 from lensflow.config import DataConfig, FlowConfig, SimulatorConfig
 from lensflow.data import N_CHANNELS
+from lensflow.feedback import (
+    SIGNAL_KINDS,
+    ControlledPosterior,
+    ControlNet,
+    FinetuneConfig,
+    ObservedData,
+    lens_cost,
+    make_signal,
+    weights_hash,
+)
+from lensflow.feedback import save_control as _save_control_files
 from lensflow.flow import FlowPosterior, VectorField
 from lensflow.nn import ImageEncoder
 from lensflow.params import NAMES, REGISTRY, UnconstrainedTransform, unconstrained_stats
 
+if TYPE_CHECKING:
+    from lensflow.observation import Observation
+
 __all__ = [
     "CheckpointError",
+    "TrainedControl",
     "TrainedPosterior",
+    "available_feedback",
     "build_posterior",
+    "control_path",
+    "load_control",
     "load_model",
     "model_path",
+    "save_control",
     "save_model",
 ]
 
@@ -61,6 +91,8 @@ class TrainedPosterior:
         data: PSF and noise ranges of training; ``data.reference_rms`` scales the input.
         flow: Network and sampling hyper-parameters.
         meta: The JSON sidecar (provenance, training record); empty for a fresh model.
+        path: The JSON sidecar it was loaded from (``None`` for a fresh model); control
+            networks are looked up beside it.
     """
 
     posterior: FlowPosterior
@@ -68,6 +100,7 @@ class TrainedPosterior:
     data: DataConfig
     flow: FlowConfig
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    path: Path | None = None
 
 
 def build_posterior(flow: FlowConfig) -> FlowPosterior:
@@ -275,4 +308,260 @@ def load_model(
             f"{weights_path}: weights do not fit the network of the sidecar ({' '.join(first)})"
         ) from None
     posterior.to(device).eval()
-    return TrainedPosterior(posterior, sim, data, flow, meta)
+    return TrainedPosterior(posterior, sim, data, flow, meta, path)
+
+
+# --------------------------------------------------------------------------- control networks
+
+CONTROL_FORMAT = "lensflow-control"
+
+
+def _models_dir() -> Path:
+    return Path(str(resources.files("lensflow") / "models"))
+
+
+def _base_ref(model: TrainedPosterior) -> str | None:
+    """The shipped name of the model (``"euclid"``) or its sidecar path."""
+    if model.path is None:
+        return None
+    path = Path(model.path).resolve()
+    return path.stem if path.parent == _models_dir().resolve() else str(path)
+
+
+def control_path(model: TrainedPosterior, kind: str) -> Path:
+    """Where the ``kind`` control net of ``model`` lives: ``<base stem>-<kind>.json`` beside it.
+
+    Args:
+        model: A loaded model (``load_model``; a fresh model has no location).
+        kind: ``"gradient"``, ``"learned"`` or ``"zero"``.
+
+    Returns:
+        The JSON sidecar path (it may not exist).
+
+    Raises:
+        CheckpointError: If ``model`` was not loaded from disk or ``kind`` is unknown.
+    """
+    if kind not in SIGNAL_KINDS:
+        raise CheckpointError(f"unknown control signal {kind!r}; choose from {SIGNAL_KINDS}")
+    if model.path is None:
+        raise CheckpointError("this model was not loaded from disk; pass a control net path")
+    path = Path(model.path)
+    return path.with_name(f"{path.stem}-{kind}.json")
+
+
+def _read_control_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable control sidecar ({err})") from None
+    if meta.get("format") != CONTROL_FORMAT or meta.get("signal_kind") not in SIGNAL_KINDS:
+        raise CheckpointError(f"{path}: not a lensflow lens control checkpoint")
+    return meta
+
+
+def available_feedback(model: TrainedPosterior) -> tuple[str, ...]:
+    """The control nets that exist for ``model`` (shipped or beside its checkpoint).
+
+    Only control nets trained on exactly these base weights count (the SHA-256 in their
+    sidecar matches).
+
+    Args:
+        model: A loaded model.
+
+    Returns:
+        Signal kinds in ``("gradient", "learned", "zero")`` order, e.g.
+        ``("gradient", "learned")``; empty for a fresh model or when none exist.
+    """
+    if model.path is None:
+        return ()
+    found, digest = [], None
+    for kind in SIGNAL_KINDS:
+        path = control_path(model, kind)
+        if not path.is_file():
+            continue
+        try:
+            meta = _read_control_meta(path)
+        except CheckpointError:
+            continue
+        digest = digest or weights_hash(model.posterior)
+        if meta.get("base_sha256") == digest:
+            found.append(kind)
+    return tuple(found)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedControl:
+    """A finetuned control network with what it needs to sample observations with feedback.
+
+    Attributes:
+        kind: Signal kind, ``"gradient"``, ``"learned"`` or ``"zero"``.
+        control: The control network (eval mode, on the model's device).
+        encoder: The residual encoder of a learned signal, else ``None``.
+        model: The base model it belongs to (its weights were checked).
+        t_start: Control acts for ``t > t_start``.
+        n_steps: Default solver steps over ``[0, 1]``.
+        solver: Default solver name.
+        meta: The JSON sidecar.
+        path: The JSON sidecar's path.
+        chunk_size: Rows per simulator call when sampling (bounds memory).
+    """
+
+    kind: str
+    control: ControlNet
+    encoder: torch.nn.Module | None
+    model: TrainedPosterior
+    t_start: float
+    n_steps: int
+    solver: str
+    meta: dict[str, Any]
+    path: Path | None = None
+    chunk_size: int = 1024
+
+    @property
+    def n_parameters(self) -> int:
+        """Trainable parameters of control net and encoder."""
+        mods = [self.control] + ([self.encoder] if self.encoder is not None else [])
+        return sum(p.numel() for m in mods for p in m.parameters())
+
+    def posterior(
+        self, observations: Sequence[Observation]
+    ) -> tuple[ControlledPosterior, ObservedData]:
+        """The controlled posterior for these observations, and their data rows.
+
+        The feedback simulator is built from each observation (``feedback.lens_cost``): its
+        pixel grid, PSF kernel, noise map and mask, so masked pixels are ignored.
+
+        Args:
+            observations: Observations cut to the model's field of view
+                (``cutouts.cut_to_fov``), in the model's dtype and device.
+
+        Returns:
+            The controlled posterior (sharing the base flow and control net, eval mode) and
+            the ``ObservedData`` to pass to ``feedback.sample_feedback`` with their network
+            input.
+        """
+        base = self.model.posterior
+        cost, data = lens_cost(observations, self.model.simulator, base.transform)
+        signal = make_signal(self.kind, cost, base.field.dim, encoder=self.meta.get("encoder"))
+        if self.encoder is not None:
+            signal.encoder = self.encoder  # the trained one
+        controlled = ControlledPosterior(
+            base, self.control, signal, t_start=self.t_start, n_steps=self.n_steps,
+            solver=self.solver, chunk_size=self.chunk_size,
+        )  # fmt: skip
+        return controlled.eval(), data
+
+
+def save_control(
+    stem: str | Path,
+    controlled: ControlledPosterior,
+    model: TrainedPosterior,
+    *,
+    kind: str,
+    finetune: FinetuneConfig,
+    training: dict[str, Any] | None = None,
+    status: str = "",
+) -> Path:
+    """Write a lens control net as ``<stem>.safetensors`` + ``<stem>.json``.
+
+    Args:
+        stem: Path without suffix; name it ``<base stem>-<kind>`` beside the base model so
+            :func:`available_feedback` finds it.
+        controlled: The finetuned posterior (``feedback.finetune_lens``).
+        model: The base model it was finetuned on.
+        kind: Signal kind.
+        finetune: The finetuning settings.
+        training: Training record (steps, wall time, device, command, losses).
+        status: E.g. ``"provisional: CPU-trained"``.
+
+    Returns:
+        The path of the JSON sidecar.
+    """
+    from lensflow.feedback import LEARNED_ENCODER
+
+    extra = {
+        "signal_kind": kind,
+        "preset": model.simulator.name,
+        "base": _base_ref(model),
+        "base_n_parameters": sum(p.numel() for p in model.posterior.field.parameters()),
+        "encoder": dict(LEARNED_ENCODER) if kind == "learned" else None,
+        "finetune": _jsonable(finetune),
+        "training": training or {},
+        "lensflow_version": __version__,
+        "status": status,
+    }
+    base_path = None if model.path is None else str(model.path)
+    _, meta_path = _save_control_files(stem, controlled, base_path=base_path, extra=extra)
+    return meta_path
+
+
+def load_control(name_or_path: str | Path, model: TrainedPosterior) -> TrainedControl:
+    """Load the control net of ``model``: a signal kind (looked up beside it) or a path.
+
+    Args:
+        name_or_path: ``"gradient"``, ``"learned"`` or ``"zero"`` (the net beside the model,
+            see :func:`control_path`), a shipped name (``"euclid-gradient"``), or a path
+            (either file or their stem).
+        model: The base model; its weights must be the ones the control was trained on.
+
+    Returns:
+        The control, on the model's device, in eval mode.
+
+    Raises:
+        CheckpointError: If it does not exist (naming the ones that do), is unreadable, was
+            written by an incompatible lensflow, or belongs to other base weights.
+    """
+    text = str(name_or_path)
+    if text in SIGNAL_KINDS:
+        path = control_path(model, text)
+        if not path.is_file():
+            have = ", ".join(available_feedback(model)) or "none"
+            raise CheckpointError(
+                f"no {text} control net for model {_base_ref(model)} ({path.name} not found); "
+                f"available: {have} (train one with lensflow finetune)"
+            )
+    else:
+        path = Path(text)
+        if not path.exists() and "/" not in text and (_models_dir() / f"{text}.json").is_file():
+            path = _models_dir() / f"{text}.json"
+        path = path.with_suffix(".json") if path.suffix in ("", ".safetensors") else path
+        if not path.is_file():
+            raise CheckpointError(f"{path}: control net sidecar not found")
+    meta = _read_control_meta(path)
+    if _series(meta.get("lensflow_version", "0.0")) != _series(__version__):
+        raise CheckpointError(
+            f"{path}: written by lensflow {meta.get('lensflow_version')}, incompatible with "
+            f"{__version__}"
+        )
+    digest = weights_hash(model.posterior)
+    if meta.get("base_sha256") != digest:
+        raise CheckpointError(
+            f"{path}: trained on base weights {str(meta.get('base_sha256'))[:12]} "
+            f"({meta.get('base')}), but the model's are {digest[:12]}"
+        )
+    try:
+        state = load_file(str(path.with_suffix(".safetensors")))
+        control = ControlNet(meta["dim"], meta["signal_dim"], width=meta["width"],
+                             n_blocks=meta["n_blocks"], time_dim=meta["time_dim"])  # fmt: skip
+        control.load_state_dict(
+            {k[8:]: v for k, v in state.items() if k.startswith("control.")}, strict=True
+        )
+        encoder = None
+        if meta["signal_kind"] == "learned":
+            encoder = make_signal("learned", None, meta["dim"], encoder=meta["encoder"]).encoder
+            prefix = "signal.encoder."
+            encoder.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+                strict=True,
+            )
+    except Exception as err:  # noqa: BLE001 - safetensors and torch raise several types
+        first = " ".join(str(err).strip().splitlines()[:2])
+        raise CheckpointError(f"{path}: unreadable control weights ({first})") from None
+    ref = next(model.posterior.parameters())
+    control = control.to(device=ref.device, dtype=ref.dtype).eval().requires_grad_(False)
+    if encoder is not None:
+        encoder = encoder.to(device=ref.device, dtype=ref.dtype).eval().requires_grad_(False)
+    return TrainedControl(
+        meta["signal_kind"], control, encoder, model, float(meta["t_start"]),
+        int(meta["n_steps"]), str(meta["solver"]), meta, path,
+    )  # fmt: skip

@@ -43,16 +43,24 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from lensflow.flow import FlowPosterior, IdentityTransform, ParamTransform, flow_matching_loss
+from lensflow.flow import (
+    FlowPosterior,
+    IdentityTransform,
+    ParamTransform,
+    base_noise,
+    flow_matching_loss,
+)
 from lensflow.flow import sample_times as _sample_times
 from lensflow.nn import ResidualMLP, TimeEmbedding
 from lensflow.solvers import SOLVERS, get_solver
 
 if TYPE_CHECKING:
+    from lensflow.checkpoint import TrainedPosterior
     from lensflow.config import SimulatorConfig
     from lensflow.observation import Observation
 
 __all__ = [
+    "SIGNAL_KINDS",
     "ControlNet",
     "ControlSignal",
     "ControlledPosterior",
@@ -66,9 +74,11 @@ __all__ = [
     "RowData",
     "ZeroSignal",
     "finetune",
+    "finetune_lens",
     "lens_cost",
     "load_control",
     "look_ahead",
+    "make_signal",
     "sample_feedback",
     "save_control",
     "signal_calls_per_sample",
@@ -214,6 +224,7 @@ def lens_cost(
     transform: ParamTransform | None = None,
     *,
     dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[GaussianCost, ObservedData]:
     """The lens feedback cost, with simulators built from the observations themselves.
 
@@ -228,6 +239,7 @@ def lens_cost(
         transform: Physical <-> standardized parameters of the flow (identity by default;
             lenses use ``params.UnconstrainedTransform()``).
         dtype: Simulation dtype (default: the observations' dtype).
+        device: Simulation device (default: the observations' device).
 
     Returns:
         The cost (reduced chi^2 over unmasked pixels) and the observed data, one row per
@@ -239,6 +251,7 @@ def lens_cost(
     if not obs_list:
         raise ValueError("lens_cost needs at least one observation")
     dtype = dtype or obs_list[0].image.dtype
+    device = torch.device(device) if device is not None else obs_list[0].image.device
     sims: list[LensSimulator] = []
     seen: list[Observation] = []
     keys = []
@@ -259,15 +272,15 @@ def lens_cost(
         )
         if match is None:
             cfg = dataclasses.replace(config, n_pix=h, pixel_scale_arcsec=obs.pixel_scale_arcsec)
-            sims.append(LensSimulator(cfg, psf_kernel=obs.psf, dtype=dtype))
+            sims.append(LensSimulator(cfg, psf_kernel=obs.psf, dtype=dtype, device=device))
             seen.append(obs)
             match = len(seen) - 1
         keys.append(match)
     data = ObservedData(
-        x=torch.stack([o.image for o in obs_list]).to(dtype),
-        sigma=torch.stack([o.sigma for o in obs_list]).to(dtype),
-        mask=torch.stack([o.mask for o in obs_list]),
-        key=torch.tensor(keys, dtype=torch.long),
+        x=torch.stack([o.image for o in obs_list]).to(device, dtype),
+        sigma=torch.stack([o.sigma for o in obs_list]).to(device, dtype),
+        mask=torch.stack([o.mask for o in obs_list]).to(device),
+        key=torch.tensor(keys, dtype=torch.long, device=device),
     )
     forward = sims[0] if len(sims) == 1 else sims
     return GaussianCost(forward, transform), data
@@ -380,6 +393,44 @@ class ZeroSignal:
     def __call__(self, u1_hat: Tensor, obs: RowData) -> Tensor:
         """Zeros ``(B, dim)``."""
         return u1_hat.new_zeros(u1_hat.shape[0], self.dim)
+
+
+#: The selectable control signals: simulator gradient, learned residual encoder, ablation.
+SIGNAL_KINDS = ("gradient", "learned", "zero")
+
+#: The residual encoder of the ``learned`` signal (an ``nn.ImageEncoder`` of one channel).
+LEARNED_ENCODER = {"embed_dim": 32, "base_channels": 8, "n_stages": 3}
+
+
+def make_signal(
+    kind: str, cost: GaussianCost, dim_u: int, *, encoder: dict | None = None
+) -> ControlSignal:
+    """The control signal of a kind, on a cost (for images: a fresh residual encoder).
+
+    Args:
+        kind: ``"gradient"`` (``GradientSignal``, width ``D + 3``), ``"learned"``
+            (``ResidualSignal`` with an ``nn.ImageEncoder`` of the image residual) or
+            ``"zero"`` (``ZeroSignal`` of the gradient signal's width ``D + 3``).
+        cost: The cost (reduced chi^2 and residual) built from the observations.
+        dim_u: Parameter dimension ``D``.
+        encoder: ``ImageEncoder`` settings of the learned signal (default
+            ``LEARNED_ENCODER``).
+
+    Returns:
+        The signal; a learned one is an ``nn.Module`` with freshly initialized weights.
+    """
+    from lensflow.nn import ImageEncoder
+
+    if kind == "gradient":
+        return GradientSignal(cost, dim_u)
+    if kind == "zero":
+        return ZeroSignal(dim_u + 3)
+    if kind == "learned":
+        e = {**LEARNED_ENCODER, **(encoder or {})}
+        net = ImageEncoder(1, e["embed_dim"], base_channels=e["base_channels"],
+                           n_stages=e["n_stages"])  # fmt: skip
+        return ResidualSignal(cost, net, e["embed_dim"])
+    raise ValueError(f"unknown control signal {kind!r}; choose from {', '.join(SIGNAL_KINDS)}")
 
 
 # --------------------------------------------------------------------------- control network
@@ -534,6 +585,7 @@ class ControlledPosterior(nn.Module):
     def sample(
         self, x: Tensor, obs: RowData, n: int, *, n_steps: int | None = None,
         solver: str | None = None, generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """Draw ``n`` posterior samples per observation with feedback, in physical units.
 
@@ -544,12 +596,13 @@ class ControlledPosterior(nn.Module):
             n_steps: Solver steps over ``[0, 1]`` (default ``self.n_steps``).
             solver: Solver name (default ``self.solver``).
             generator: Torch generator for the base noise.
+            noise: Base noise ``(n, B, D)`` instead of drawing it.
 
         Returns:
             ``theta`` samples, shape ``(n, B, D)``.
         """
         return sample_feedback(
-            self, x, obs, n, n_steps=n_steps, solver=solver, generator=generator
+            self, x, obs, n, n_steps=n_steps, solver=solver, generator=generator, noise=noise
         ).theta
 
 
@@ -585,6 +638,7 @@ def _split_steps(n_steps: int, t_start: float) -> tuple[int, int]:
 def sample_feedback(
     posterior: ControlledPosterior, x: Tensor, obs: RowData, n: int, *, n_steps: int | None = None,
     solver: str | None = None, generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> FeedbackSamples:  # fmt: skip
     """Sample with feedback: the base drift up to ``t_start``, the controlled drift after.
 
@@ -603,6 +657,8 @@ def sample_feedback(
         n_steps: Solver steps over ``[0, 1]`` (default ``posterior.n_steps``).
         solver: Solver name (default ``posterior.solver``).
         generator: Torch generator for the base noise.
+        noise: Base noise ``(n, B, D)`` instead of drawing it (e.g. one seed per
+            observation, so a lens's samples do not depend on its batch neighbours).
 
     Returns:
         The samples and the number of signal calls per sample.
@@ -616,7 +672,7 @@ def sample_feedback(
         raise ValueError(f"obs has {len(obs)} rows for {b} observations")
     h_rep = h.unsqueeze(0).expand(n, *h.shape).reshape(n * b, -1)
     rows = torch.arange(b, device=h.device).repeat(n)
-    z = torch.randn((n * b, field.dim), generator=generator, device=h.device, dtype=h.dtype)
+    z = base_noise(n, b, field.dim, h, generator=generator, noise=noise)
     solve = get_solver(solver)
     t_start = posterior.t_start
     u = solve(lambda t, u_t: posterior.base.drift(u_t, t, h_rep), z, n_steps=n_base, t1=t_start)
@@ -799,6 +855,52 @@ def finetune(
     return model.eval()
 
 
+def finetune_lens(
+    model: TrainedPosterior, kind: str, cfg: FinetuneConfig | None = None, *,
+    generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+    progress: bool = False, callback: Callable[[int, float], None] | None = None,
+) -> ControlledPosterior:  # fmt: skip
+    """Finetune a lens control network on simulated lenses spanning the model's data ranges.
+
+    Every batch is fresh from ``data.SimulatedPairs(model.simulator, model.data)``: PSF FWHM
+    on the model's grid, background RMS and exposure time log-uniform over its ranges, fresh
+    noise. The signal's cost is ``GaussianCost`` over the per-PSF simulators that made the
+    images (row ``key`` = the PSF grid index), with each image's own noise map; at sampling
+    time ``lens_cost`` rebuilds it from the observation's PSF kernel and noise map.
+
+    Args:
+        model: The trained base posterior (``checkpoint.load_model``); not modified.
+        kind: ``"gradient"``, ``"learned"`` or ``"zero"`` (see ``make_signal``).
+        cfg: Finetuning settings (default ``FinetuneConfig()``).
+        generator: Torch generator on ``device`` (prior, PSF, depth, noise, times).
+        device: Device of simulation and training.
+        progress: Show a tqdm progress bar.
+        callback: Called as ``callback(step, loss)`` after every step.
+
+    Returns:
+        The controlled posterior (on ``device``, ``eval`` mode); its signal's cost holds the
+        training simulators, so use ``checkpoint.load_control`` to sample observations.
+    """
+    from lensflow.data import SimulatedPairs
+
+    base = copy.deepcopy(model.posterior).to(device)
+    source = SimulatedPairs(model.simulator, model.data, device=device)
+    transform = base.transform
+    grid = torch.tensor(source.psf_grid_arcsec, device=device)
+    cost = GaussianCost(list(source.simulators), transform)
+    signal = make_signal(kind, cost, base.field.dim)
+    if isinstance(signal, nn.Module):
+        signal.to(device)
+
+    def draw(batch_size: int, gen: torch.Generator | None = None) -> FeedbackBatch:
+        p = source.sample(batch_size, generator=gen)
+        key = (p.psf_fwhm_arcsec[:, None] - grid[None].to(p.psf_fwhm_arcsec)).abs().argmin(1)
+        return FeedbackBatch(transform.to_u(p.theta), p.x, ObservedData(p.image, p.sigma, key=key))
+
+    return finetune(base, signal, draw, cfg, generator=generator, progress=progress,
+                    callback=callback)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -826,7 +928,11 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def save_control(
-    path: str | Path, posterior: ControlledPosterior, *, base_path: str | Path | None = None
+    path: str | Path,
+    posterior: ControlledPosterior,
+    *,
+    base_path: str | Path | None = None,
+    extra: dict | None = None,
 ) -> tuple[Path, Path]:
     """Write the control network (and signal parameters) as safetensors + JSON.
 
@@ -838,6 +944,8 @@ def save_control(
         path: Output path; ``.safetensors`` and ``.json`` are written beside each other.
         posterior: The finetuned posterior.
         base_path: Path of the base checkpoint, recorded for provenance.
+        extra: More JSON-able entries for the sidecar (``checkpoint.save_control`` adds the
+            preset, signal kind, training record and status).
 
     Returns:
         The paths of the weights and of the JSON.
@@ -863,7 +971,10 @@ def save_control(
         "signal": type(posterior.signal).__name__,
         "base_sha256": weights_hash(posterior.base),
         "base_path": None if base_path is None else str(base_path),
-    }
+        "n_parameters": sum(p.numel() for p in posterior.control.parameters())
+        + (sum(p.numel() for p in posterior.signal.parameters())
+           if isinstance(posterior.signal, nn.Module) else 0),
+    } | (extra or {})  # fmt: skip
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(weights))
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")

@@ -34,6 +34,7 @@ __all__ = [
     "IdentityTransform",
     "ParamTransform",
     "VectorField",
+    "base_noise",
     "flow_matching_loss",
     "sample_times",
 ]
@@ -165,6 +166,31 @@ class FlowMatchingLoss(nn.Module):
                                   sigma_min=self.sigma_min)  # fmt: skip
 
 
+def base_noise(
+    n: int, b: int, dim: int, like: Tensor, *, generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """The sampler's base noise, sample-major ``(n B, D)`` (row ``i`` is observation ``i % B``).
+
+    Args:
+        n: Samples per observation.
+        b: Observations.
+        dim: Parameter dimension ``D``.
+        like: Tensor giving device and dtype.
+        generator: Torch generator, used when ``noise`` is None.
+        noise: Given noise, shape ``(n, B, D)``.
+
+    Returns:
+        Noise, shape ``(n B, D)``.
+    """
+    if noise is None:
+        return torch.randn((n * b, dim), generator=generator, device=like.device,
+                           dtype=like.dtype)  # fmt: skip
+    if tuple(noise.shape) != (n, b, dim):
+        raise ValueError(f"noise must have shape {(n, b, dim)}, got {tuple(noise.shape)}")
+    return noise.to(like).reshape(n * b, dim)
+
+
 class ParamTransform(Protocol):
     """Physical parameters <-> the flow's standardized space (elementwise)."""
 
@@ -217,7 +243,7 @@ class FlowPosterior(nn.Module):
     @torch.no_grad()
     def sample_u(
         self, x: Tensor, n: int, *, n_steps: int | None = None, solver: str | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, noise: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """Draw ``n`` samples per observation in the standardized space.
 
@@ -227,6 +253,8 @@ class FlowPosterior(nn.Module):
             n_steps: Solver steps (default ``self.n_steps``).
             solver: Solver name (default ``self.solver``).
             generator: Torch generator for the base noise.
+            noise: Base noise ``(n, B, D)`` to start from instead of drawing it (e.g. drawn
+                per observation from its own seed); ``generator`` is then unused.
 
         Returns:
             ``u`` samples, shape ``(n, B, D)``.
@@ -234,8 +262,7 @@ class FlowPosterior(nn.Module):
         h = self.field.embed(x)  # embedded once, reused by every step and sample
         b = h.shape[0]
         h_rep = h.unsqueeze(0).expand(n, *h.shape).reshape(n * b, -1)
-        z = torch.randn((n * b, self.field.dim), generator=generator, device=h.device,
-                        dtype=h.dtype)  # fmt: skip
+        z = base_noise(n, b, self.field.dim, h, generator=generator, noise=noise)
         u = get_solver(solver or self.solver)(
             lambda t, u_t: self.drift(u_t, t, h_rep), z, n_steps=n_steps or self.n_steps
         )
@@ -243,7 +270,7 @@ class FlowPosterior(nn.Module):
 
     def sample(
         self, x: Tensor, n: int, *, n_steps: int | None = None, solver: str | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, noise: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """Draw ``n`` posterior samples per observation, in physical units.
 
@@ -253,11 +280,13 @@ class FlowPosterior(nn.Module):
             n_steps: Solver steps (default ``self.n_steps``).
             solver: Solver name (default ``self.solver``).
             generator: Torch generator for the base noise.
+            noise: Base noise ``(n, B, D)`` instead of drawing it (see ``sample_u``).
 
         Returns:
             ``theta`` samples, shape ``(n, B, D)``.
         """
-        u = self.sample_u(x, n, n_steps=n_steps, solver=solver, generator=generator)
+        u = self.sample_u(x, n, n_steps=n_steps, solver=solver, generator=generator,
+                          noise=noise)  # fmt: skip
         return self.transform.from_u(u)
 
     def log_prob(

@@ -5,6 +5,14 @@ metrics. ``sample_posteriors`` takes observations of any size and pixel scale, c
 the model's field of view (``cutouts.cut_to_fov``, centred on the cutout centre), builds
 the network input with ``data.observation_input`` (the same function training used) and
 samples all observations in one batched ODE solve per chunk.
+
+With simulator feedback (``feedback="auto"``, ``"gradient"`` or ``"learned"``) the base flow
+is integrated up to the control net's ``t_start`` and the controlled drift after it
+(``feedback.sample_feedback``); the feedback cost is built from the *cut* observations (their
+PSF, noise map, mask and pixel grid), so masked pixels never enter it. With ``seeds`` each
+lens's base noise comes from its own generator, so its samples do not depend on which other
+lenses share the batch or on ``chunk`` (a catalog run that is interrupted and resumed gives
+the same samples).
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lensflow.checkpoint import TrainedPosterior
+from lensflow.checkpoint import TrainedControl, TrainedPosterior, available_feedback, load_control
 from lensflow.cutouts import cut_to_fov
 from lensflow.data import observation_input
+from lensflow.feedback import sample_feedback
 from lensflow.observation import Observation
 from lensflow.params import NAMES, REGISTRY
 
@@ -26,7 +35,9 @@ if TYPE_CHECKING:
     from astropy.table import Table
 
 __all__ = [
+    "FEEDBACK_CHOICES",
     "PosteriorSamples",
+    "resolve_feedback",
     "sample_posterior",
     "sample_posteriors",
     "samples_table",
@@ -42,7 +53,8 @@ class PosteriorSamples:
         theta: Samples, shape ``(N, D)``, physical units from ``params.REGISTRY``.
         names: Parameter names, ``params.NAMES`` order.
         log_prob: ``log q(theta | x)``, shape ``(N,)``, when the method provides it.
-        method: ``"flow"``, ``"flow+feedback"``, ``"lenstronomy"`` or ``"emcee"``.
+        method: ``"flow"``, ``"flow+gradient"``, ``"flow+learned"`` (``"flow+zero"`` for the
+            ablation), ``"lenstronomy"`` or ``"emcee"``.
     """
 
     theta: Tensor
@@ -66,54 +78,139 @@ class PosteriorSamples:
         return torch.quantile(self.theta.double(), torch.tensor(list(q), dtype=torch.float64), 0)
 
 
+#: What ``sample_posteriors(feedback=...)`` accepts (``"zero"``, the ablation, also works).
+FEEDBACK_CHOICES = ("auto", "gradient", "learned", "none")
+
+
+def resolve_feedback(model: TrainedPosterior, feedback: str = "auto") -> str:
+    """The feedback a request resolves to: ``"auto"`` picks gradient, then learned, then none.
+
+    Args:
+        model: The trained posterior.
+        feedback: ``"auto"``, ``"gradient"``, ``"learned"``, ``"zero"`` or ``"none"``.
+
+    Returns:
+        ``"gradient"``, ``"learned"``, ``"zero"`` or ``"none"``.
+
+    Raises:
+        ValueError: For an unknown choice, or an explicit kind with no control net (the
+            message names the ones that exist).
+    """
+    if feedback not in (*FEEDBACK_CHOICES, "zero"):
+        raise ValueError(
+            f"feedback must be one of {', '.join(FEEDBACK_CHOICES)}, got {feedback!r}"
+        )
+    if feedback == "none":
+        return "none"
+    have = available_feedback(model)
+    if feedback == "auto":
+        return next((k for k in ("gradient", "learned") if k in have), "none")
+    if feedback not in have:
+        where = model.path.name if model.path is not None else "this (unsaved) model"
+        raise ValueError(
+            f"no {feedback} control net for {where}; available: {', '.join(have) or 'none'} "
+            "(use --feedback none, or train one with lensflow finetune)"
+        )
+    return feedback
+
+
+def _lens_noise(seeds: Sequence[int], n: int, dim: int, like: Tensor) -> Tensor:
+    """Base noise ``(n, B, D)``: lens ``b``'s from ``Generator(device).manual_seed(seeds[b])``."""
+    out = []
+    for seed in seeds:
+        g = torch.Generator(like.device).manual_seed(int(seed))
+        out.append(torch.randn((n, dim), generator=g, device=like.device, dtype=like.dtype))
+    return torch.stack(out, dim=1)
+
+
 def sample_posteriors(
     observations: Sequence[Observation],
     model: TrainedPosterior,
     n: int,
     *,
+    feedback: str | TrainedControl = "none",
+    seeds: Sequence[int] | None = None,
     n_steps: int | None = None,
     solver: str | None = None,
     use_log_prob: bool = False,
     chunk: int = 64,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> list[PosteriorSamples]:
-    """Posterior samples for many observations, batched.
+    """Posterior samples for many observations, batched, optionally with simulator feedback.
 
     Args:
         observations: Observations of any size and pixel scale covering the model's field of
             view around their centres.
         model: The trained posterior (``checkpoint.load_model``).
         n: Samples per observation.
-        n_steps: ODE steps (default: the model's).
-        solver: ODE solver (default: the model's).
+        feedback: ``"none"`` (the flow alone), ``"gradient"`` or ``"learned"`` (that control
+            net, see ``checkpoint.available_feedback``), ``"auto"`` (gradient if it exists,
+            else learned, else none), or a loaded ``TrainedControl``.
+        seeds: One seed per observation for its base noise (independent of batching);
+            ``None`` draws the noise of the whole chunk from ``generator``.
+        n_steps: ODE steps (default: the control net's with feedback, else the model's).
+        solver: ODE solver (default: the control net's with feedback, else the model's).
         use_log_prob: Also evaluate ``log q(theta | x)`` of every sample (an extra,
-            roughly ``D``-times costlier ODE solve).
+            roughly ``D``-times costlier ODE solve); not available with feedback.
         chunk: Observations per batched solve.
-        generator: Torch generator on the model's device, for the base noise.
+        generator: Torch generator on the model's device, for the base noise when ``seeds``
+            is None.
+        progress: Show a tqdm progress bar over chunks.
 
     Returns:
-        One ``PosteriorSamples`` per observation, in order, on the model's device.
+        One ``PosteriorSamples`` per observation, in order, on the model's device;
+        ``method`` says which feedback was used (``"flow"``, ``"flow+gradient"``,
+        ``"flow+learned"``).
 
     Raises:
-        ValueError: If ``n < 1`` or an observation does not cover the field of view.
+        ValueError: If ``n < 1``, ``seeds`` has the wrong length, an observation does not
+            cover the field of view, or the requested control net does not exist.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n!r}")
+    if seeds is not None and len(seeds) != len(observations):
+        raise ValueError(f"{len(seeds)} seeds for {len(observations)} observations")
+    control = None
+    if isinstance(feedback, TrainedControl):
+        control = feedback
+    else:
+        kind = resolve_feedback(model, feedback)
+        control = None if kind == "none" else load_control(kind, model)
+    if control is not None and use_log_prob:
+        raise ValueError("log_prob is not available with feedback (use feedback='none')")
+    method = "flow" if control is None else f"flow+{control.kind}"
     posterior = model.posterior
     parameter = next(posterior.parameters())
+    dim = posterior.field.dim
     cut = [
         cut_to_fov(o, model.simulator).to(parameter.dtype, parameter.device) for o in observations
     ]
     out: list[PosteriorSamples] = []
-    for start in range(0, len(cut), chunk):
-        x = observation_input(cut[start : start + chunk], reference_rms=model.data.reference_rms)
-        theta = posterior.sample(x, n, n_steps=n_steps, solver=solver, generator=generator)
+    starts = range(0, len(cut), chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"sample ({method})", unit="chunk")
+    for start in starts:
+        part = cut[start : start + chunk]
+        x = observation_input(part, reference_rms=model.data.reference_rms)
+        noise = None
+        if seeds is not None:
+            noise = _lens_noise(seeds[start : start + chunk], n, dim, parameter)
+        if control is None:
+            theta = posterior.sample(x, n, n_steps=n_steps, solver=solver, generator=generator,
+                                     noise=noise)  # fmt: skip
+        else:
+            controlled, data = control.posterior(part)
+            theta = sample_feedback(controlled, x, data, n, n_steps=n_steps, solver=solver,
+                                    generator=generator, noise=noise).theta  # fmt: skip
         for b in range(x.shape[0]):
             log_prob = None
             if use_log_prob:
                 x_rep = x[b : b + 1].expand(n, *x.shape[1:])
                 log_prob = posterior.log_prob(theta[:, b], x_rep, n_steps=n_steps, solver=solver)
-            out.append(PosteriorSamples(theta[:, b], NAMES, log_prob, "flow"))
+            out.append(PosteriorSamples(theta[:, b], NAMES, log_prob, method))
     return out
 
 
@@ -122,6 +219,8 @@ def sample_posterior(
     model: TrainedPosterior,
     n: int,
     *,
+    feedback: str | TrainedControl = "none",
+    seed: int | None = None,
     n_steps: int | None = None,
     solver: str | None = None,
     use_log_prob: bool = False,
@@ -133,16 +232,22 @@ def sample_posterior(
         observation: The observation (any size covering the model's field of view).
         model: The trained posterior.
         n: Number of samples.
-        n_steps: ODE steps (default: the model's).
-        solver: ODE solver (default: the model's).
-        use_log_prob: Also evaluate ``log q(theta | x)`` of every sample.
+        feedback: ``"none"``, ``"auto"``, ``"gradient"``, ``"learned"`` or a
+            ``TrainedControl`` (see :func:`sample_posteriors`).
+        seed: Seed of this lens's base noise (the same samples as inside any batch);
+            ``None`` uses ``generator``.
+        n_steps: ODE steps (default: the control net's or the model's).
+        solver: ODE solver (default: the control net's or the model's).
+        use_log_prob: Also evaluate ``log q(theta | x)`` of every sample (no feedback).
         generator: Torch generator for the base noise.
 
     Returns:
         The samples, ``theta`` of shape ``(n, D)`` in physical units.
     """
-    return sample_posteriors([observation], model, n, n_steps=n_steps, solver=solver,
-                             use_log_prob=use_log_prob, generator=generator)[0]  # fmt: skip
+    return sample_posteriors([observation], model, n, feedback=feedback,
+                             seeds=None if seed is None else [seed], n_steps=n_steps,
+                             solver=solver, use_log_prob=use_log_prob,
+                             generator=generator)[0]  # fmt: skip
 
 
 def samples_table(samples: PosteriorSamples) -> Table:

@@ -77,3 +77,47 @@ def test_checkpoint_refuses_other_instrument_and_missing_files(saved, tmp_path):
         load_model(tmp_path / "nothing.json")
     with pytest.raises(CheckpointError, match="no shipped model"):
         load_model("nonexistentpreset")
+
+
+def test_control_checkpoint_round_trip_and_refusals(tmp_path):
+    from lensflow.checkpoint import available_feedback, load_control, save_control
+    from lensflow.feedback import FinetuneConfig, finetune_lens
+
+    data = DataConfig(psf_fwhm_min_arcsec=0.4, psf_fwhm_max_arcsec=0.6, n_psf_grid=2)
+    save_model(tmp_path / "m", TrainedPosterior(build_posterior(TINY_FLOW), TINY, data,
+                                                TINY_FLOW))  # fmt: skip
+    model = load_model(tmp_path / "m")
+    assert model.path == tmp_path / "m.json" and available_feedback(model) == ()
+    cfg = FinetuneConfig(n_steps=2, batch_size=3, width=16, n_blocks=1, time_dim=8)
+    tuned = finetune_lens(model, "learned", cfg, generator=torch.Generator().manual_seed(0))
+    meta_path = save_control(tmp_path / "m-learned", tuned, model, kind="learned", finetune=cfg,
+                             training={"steps": 2}, status="provisional: test")  # fmt: skip
+    meta = json.loads(meta_path.read_text())
+    n_control = sum(p.numel() for p in tuned.control.parameters())
+    n_encoder = sum(p.numel() for p in tuned.signal.encoder.parameters())
+    assert meta["n_parameters"] == n_control + n_encoder
+    assert meta["signal_kind"] == "learned" and meta["preset"] == "tiny"
+    assert meta["base"] == str(tmp_path / "m.json") and len(meta["base_sha256"]) == 64
+    assert meta["finetune"]["n_steps"] == 2 and meta["status"] == "provisional: test"
+    assert available_feedback(model) == ("learned",)
+    for name in ("learned", tmp_path / "m-learned", str(meta_path)):
+        control = load_control(name, model)
+        assert control.kind == "learned" and control.n_parameters == meta["n_parameters"]
+        for a, b in zip(control.control.state_dict().values(),
+                        tuned.control.state_dict().values(), strict=True):  # fmt: skip
+            assert torch.equal(a, b)
+        for a, b in zip(control.encoder.state_dict().values(),
+                        tuned.signal.encoder.state_dict().values(), strict=True):  # fmt: skip
+            assert torch.equal(a, b)
+    with pytest.raises(
+        CheckpointError, match="no gradient control net for model .*m.json .*available: learned"
+    ):
+        load_control("gradient", model)
+    # Other base weights: refused on load, and not offered by available_feedback.
+    other_stem = tmp_path / "other"
+    save_model(other_stem, TrainedPosterior(build_posterior(TINY_FLOW), TINY, data, TINY_FLOW))
+    other = load_model(other_stem)
+    with pytest.raises(CheckpointError, match="trained on base weights"):
+        load_control(meta_path, other)
+    (tmp_path / "other-learned.json").write_text(meta_path.read_text())
+    assert available_feedback(other) == ()

@@ -120,3 +120,127 @@ def test_small_lens_posterior_covers_truth():
     # is narrower for theta_E (measured 0.71) and the lens light (measured 0.26-0.30).
     u_std = posterior.transform.to_u(theta).std(0).median(0).values
     assert u_std[0] < 0.85 and u_std[-4:].max() < 0.5, u_std
+
+
+# --------------------------------------------------------------------------- feedback
+
+
+@pytest.fixture(scope="module")
+def fb_model(tmp_path_factory):
+    """A tiny saved model with gradient and learned control nets beside it (3 steps each)."""
+    from lensflow.checkpoint import save_control, save_model
+    from lensflow.feedback import FinetuneConfig, finetune_lens
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("fb")
+    torch.manual_seed(0)
+    save_model(folder / "model", TrainedPosterior(build_posterior(TINY_FLOW).eval(), TINY,
+                                                  TINY_DATA, TINY_FLOW))  # fmt: skip
+    model = load_model(folder / "model")
+    cfg = FinetuneConfig(n_steps=3, batch_size=4, lr=1e-2, width=16, n_blocks=1, time_dim=8,
+                         n_steps_sample=10)  # fmt: skip
+    for kind in ("gradient", "learned"):
+        tuned = finetune_lens(model, kind, cfg, generator=torch.Generator().manual_seed(1))
+        save_control(folder / f"model-{kind}", tuned, model, kind=kind, finetune=cfg,
+                     status="test")  # fmt: skip
+    return model
+
+
+@pytest.mark.parametrize("feedback", ["none", "gradient", "learned"])
+def test_seeded_lens_samples_do_not_depend_on_batch_neighbours(fb_model, feedback):
+    obs = [_observation(seed=s) for s in range(3)]
+    alone = sample_posteriors(obs[:1], fb_model, 40, feedback=feedback, seeds=[7])[0]
+    batch = sample_posteriors([obs[2], obs[0], obs[1]], fb_model, 40, feedback=feedback,
+                              seeds=[1, 7, 3], chunk=2)  # fmt: skip
+    other = sample_posteriors([obs[1], obs[0]], fb_model, 40, feedback=feedback, seeds=[5, 7],
+                              chunk=1)  # fmt: skip
+    method = "flow" if feedback == "none" else f"flow+{feedback}"
+    assert alone.method == batch[1].method == method
+    to_u = fb_model.posterior.transform.to_u
+    for inside in (batch[1].theta, other[1].theta):
+        torch.testing.assert_close(to_u(inside), to_u(alone.theta), rtol=1e-5, atol=1e-5)
+    # Seeds matter, and another lens gives other samples.
+    assert not torch.allclose(batch[0].theta, batch[2].theta)
+    again = sample_posterior(obs[0], fb_model, 40, feedback=feedback, seed=8)
+    assert not torch.allclose(again.theta, alone.theta)
+
+
+def test_feedback_changes_samples_and_auto_picks_gradient(fb_model):
+    obs = [_observation(seed=0)]
+    none = sample_posteriors(obs, fb_model, 30, feedback="none", seeds=[0])[0]
+    grad = sample_posteriors(obs, fb_model, 30, feedback="gradient", seeds=[0])[0]
+    auto = sample_posteriors(obs, fb_model, 30, feedback="auto", seeds=[0])[0]
+    assert auto.method == "flow+gradient" and torch.isfinite(grad.theta).all()
+    torch.testing.assert_close(auto.theta, grad.theta)
+    # The finetuned control moves the samples (the controlled segment differs from the base).
+    assert (grad.theta - none.theta).abs().max() > 1e-4
+
+
+def test_feedback_ignores_masked_pixels(fb_model):
+    clean = _observation(n_pix=16, seed=4)
+    mask = torch.ones_like(clean.mask)
+    mask[:5, :6] = False
+    masked = Observation(clean.image, clean.sigma, clean.psf, 0.3, mask, name="masked")
+    image = clean.image.clone()
+    image[:5, :6] = 1e6  # garbage where masked
+    garbage = Observation(image, clean.sigma, clean.psf, 0.3, mask, name="garbage")
+    for kind in ("gradient", "learned"):
+        a = sample_posterior(masked, fb_model, 20, feedback=kind, seed=3)
+        b = sample_posterior(garbage, fb_model, 20, feedback=kind, seed=3)
+        torch.testing.assert_close(a.theta, b.theta)
+        assert torch.isfinite(a.theta).all()
+
+
+def test_missing_control_net_is_a_one_line_error(fb_model, tmp_path):
+    from lensflow.checkpoint import available_feedback, save_model
+
+    assert available_feedback(fb_model) == ("gradient", "learned")
+    save_model(tmp_path / "bare", TrainedPosterior(fb_model.posterior, TINY, TINY_DATA,
+                                                   TINY_FLOW))  # fmt: skip
+    bare = load_model(tmp_path / "bare")
+    assert available_feedback(bare) == ()
+    obs = [_observation(seed=0)]
+    assert sample_posteriors(obs, bare, 3, feedback="auto")[0].method == "flow"
+    with pytest.raises(ValueError, match="no gradient control net for bare.json; available: none"):
+        sample_posteriors(obs, bare, 3, feedback="gradient")
+    with pytest.raises(ValueError, match="feedback must be one of"):
+        sample_posteriors(obs, bare, 3, feedback="gradiant")
+
+
+def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
+    obs = _observation()
+    fits_path = write_mock_fits(tmp_path / "lens.fits", obs.image, obs.sigma, obs.psf, TINY)
+    model = str(fb_model.path)
+    out = tmp_path / "post"
+    assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--out", str(out)]) == 0
+    assert "feedback: gradient feedback (model-gradient.json) [requested: auto]" in (
+        capsys.readouterr().out
+    )
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["feedback"] == "gradient" and provenance["control_status"] == "test"
+    assert Table.read(out / "samples.ecsv").meta["method"] == "flow+gradient"
+    assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--feedback", "none",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert "feedback: no feedback" in capsys.readouterr().out
+    # finetune writes a control net that sample then finds beside the model.
+    from lensflow.checkpoint import save_model
+
+    run = tmp_path / "run"
+    save_model(run / "model", TrainedPosterior(fb_model.posterior, TINY, TINY_DATA, TINY_FLOW))
+    assert main(["sample", str(fits_path), "--model", str(run), "--feedback", "learned",
+                 "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("lensflow: error: no learned control net for model.json; available: "
+                          "none") and len(err.strip().splitlines()) == 1  # fmt: skip
+    assert main(["finetune", "--model", str(run), "--signal", "learned", "--out", str(run),
+                 "--steps", "2", "--batch-size", "2", "--seed", "3", "--quiet"]) == 0  # fmt: skip
+    assert "learned control net (" in capsys.readouterr().out
+    meta = json.loads((run / "model-learned.json").read_text())
+    assert meta["signal_kind"] == "learned" and meta["preset"] == "tiny"
+    assert meta["training"]["steps"] == 2 and meta["status"] == "provisional: CPU-trained"
+    assert meta["n_parameters"] > 0 and meta["base"] == str((run / "model.json").resolve())
+    assert main(["sample", str(fits_path), "--model", str(run), "-n", "5", "--out",
+                 str(out)]) == 0  # fmt: skip
+    assert "feedback: learned feedback" in capsys.readouterr().out
+    assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
+                 "--steps", "0"]) == 2  # fmt: skip
