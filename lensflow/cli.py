@@ -366,6 +366,23 @@ def _cmd_corner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    from lensflow.catalog import read_catalog, run_catalog
+
+    catalog = read_catalog(args.catalog)
+    scheduler = args.scheduler or ("local" if args.workers > 1 else None)
+    table = run_catalog(
+        catalog, args.out, n=args.n, feedback=args.feedback, seed=args.seed,
+        preset=args.preset, model=args.model, batch_size=args.batch_size, scheduler=scheduler,
+        n_workers=args.workers, device=args.device, plots=not args.no_plots,
+        progress=not args.quiet,
+    )  # fmt: skip
+    m = table.meta
+    print(f"{m['n_ok']} ok, {m['n_failed']} failed, {m['n_skipped']} skipped (already done) "
+          f"in {m['wall_time_s']:.0f} s; results: {Path(args.out) / 'results.ecsv'}")  # fmt: skip
+    return 0
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *args, **kwargs) -> None:
     print(f"lensflow: warning: {message}", file=sys.stderr)
 
@@ -525,6 +542,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="figure title")
     p.add_argument("--out", required=True, metavar="FILE", help="output figure (.pdf, .png)")
     p.set_defaults(func=_cmd_corner)
+
+    p = sub.add_parser(
+        "catalog",
+        help="fit every lens of a catalog (resumable; Dask for many workers)",
+        description="Fit each row of CATALOG (ECSV, FITS or CSV: id, image and optional "
+        "noise/weight, psf, mask, pixel_scale, ra/dec or center_x/center_y, preset, band, "
+        "z_lens, z_source; paths relative to the catalog; docs/catalog.md). Writes "
+        "DIR/lenses/<id>/ like fit, and DIR/results.ecsv and .fits (input columns, status, "
+        "reason, summary columns with units, diagnostics). Rerunning resumes: finished lenses "
+        "are skipped. --workers N > 1 runs a local Dask cluster; --scheduler ADDRESS uses a "
+        "running one.",
+    )
+    p.add_argument("catalog", help="catalog table (ECSV, FITS or CSV)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
+    p.add_argument("-n", type=int, default=1000, help="samples per lens (default: 1000)")
+    p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
+                   help="simulator feedback (default auto: gradient when shipped)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="run seed; each lens's seed is derived "
+                   "from it and the lens id")  # fmt: skip
+    p.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)],
+                   help="preset of rows without a preset value (default: auto)")  # fmt: skip
+    p.add_argument("--model", metavar="PATH", help="a trained model for every lens")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="lenses per batched call (default: 64 with CUDA, else 1)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="Dask workers of a local cluster (default 1: run in this process)")  # fmt: skip
+    p.add_argument("--scheduler", metavar="local|ADDRESS",
+                   help="'local' (a LocalCluster of --workers processes) or a Dask scheduler "
+                   "address, e.g. tcp://host:8786")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--no-plots", action="store_true", help="skip corner and residual figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_catalog)
     return parser
 
 
