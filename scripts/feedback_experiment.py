@@ -20,6 +20,18 @@ Example::
 
     python scripts/feedback_experiment.py --n-lenses 40 --n-samples 50 --t-start 0.8 \
         --json feedback_ts08.json
+
+``--evaluate`` instead measures trained control-net checkpoints end to end, the way users
+sample: held-out lenses simulated over the model's full PSF grid and depth ranges become
+``Observation`` records (Gaussian PSF kernel at the pixel scale, noise map, no mask), and
+every variant goes through ``sampling.sample_posteriors`` (feedback cost from
+``feedback.lens_cost`` of the cut observation, one seed per lens, the same seeds for every
+variant). Scores as above, plus the parameter error in the standardized space (median over
+lenses of ``|posterior mean - truth|``, averaged over parameters) and theta_E's median
+absolute error in arcsec::
+
+    python scripts/feedback_experiment.py --evaluate --n-lenses 200 --n-samples 100 \
+        --variants none gradient=lensflow/models/euclid-gradient.json --json out.json
 """
 
 from __future__ import annotations
@@ -84,8 +96,124 @@ def score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, chunk) -
     }
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    """Score control-net checkpoints through ``sample_posteriors`` (see the module docstring)."""
+    from lensflow.checkpoint import load_control
+    from lensflow.cutouts import cut_to_fov
+    from lensflow.feedback import lens_cost
+    from lensflow.observation import Observation
+    from lensflow.sampling import sample_posteriors
+    from lensflow.simulator import gaussian_psf
+
+    model = load_model(args.model)
+    posterior = model.posterior.eval()
+    transform = posterior.transform
+    source = SimulatedPairs(model.simulator, model.data)
+    test = source.sample(args.n_lenses, generator=torch.Generator().manual_seed(args.seed))
+    scale = model.simulator.pixel_scale_arcsec
+    psfs = {f: gaussian_psf(f, scale, dtype=torch.float32) for f in source.psf_grid_arcsec}
+    observations = [
+        Observation(test.image[i], test.sigma[i], psfs[min(psfs, key=lambda f, i=i: abs(
+            f - float(test.psf_fwhm_arcsec[i])))], scale,
+            torch.ones_like(test.image[i], dtype=torch.bool), name=f"heldout{i}")
+        for i in range(args.n_lenses)
+    ]  # fmt: skip
+    cut = [cut_to_fov(o, model.simulator) for o in observations]
+    cost, obs = lens_cost(cut, model.simulator, transform)
+    truth = test.theta
+    # The generator's own simulators (supersampled Gaussian PSF): the exact re-simulation.
+    grid = torch.tensor(source.psf_grid_arcsec)
+    key = (test.psf_fwhm_arcsec[:, None] - grid[None]).abs().argmin(1)
+    exact = GaussianCost(list(source.simulators), transform)
+    obs_exact = ObservedData(test.image, test.sigma, key=key)
+    with torch.no_grad():
+        chi2_truth = cost(transform.to_u(truth), obs)
+        chi2_truth_exact = exact(transform.to_u(truth), obs_exact)
+    seeds = [args.seed * 1000 + i for i in range(args.n_lenses)]
+    results = []
+    for spec in args.variants:
+        name, _, path = spec.partition("=")
+        feedback = "none" if name == "none" else load_control(path, model)
+        n_steps = args.n_steps or (model.flow.n_steps if name == "none" else feedback.n_steps)
+        solver = args.solver or (model.flow.solver if name == "none" else feedback.solver)
+        start = time.perf_counter()
+        samples = sample_posteriors(observations, model, args.n_samples, feedback=feedback,
+                                    seeds=seeds, n_steps=n_steps, solver=solver,
+                                    chunk=args.lens_chunk)  # fmt: skip
+        seconds = time.perf_counter() - start
+        theta = torch.stack([s.theta for s in samples], dim=1)  # (M, N, D)
+        u = transform.to_u(theta)
+        calls = 0 if name == "none" else signal_calls_per_sample(n_steps, solver,
+                                                                 feedback.t_start)  # fmt: skip
+        r = score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, args.chunk)
+        u_err = (u.mean(0) - transform.to_u(truth)).abs().median(0).values  # (D,)
+        chi2_exact = torch.nan_to_num(sample_chi2(exact, u, obs_exact, args.chunk),
+                                      nan=float("inf"))  # fmt: skip
+        r |= {
+            "chi2_exact_mean": float(chi2_exact.mean()),
+            "chi2_exact_median": float(chi2_exact.median()),
+            "method": samples[0].method,
+            "sampler": f"{solver} {n_steps}",
+            "param_error_u_mean": float(u_err.mean()),
+            "theta_e_abs_error_median_arcsec": float((theta.mean(0)[:, 0] - truth[:, 0]).abs()
+                                                     .median()),
+            "control": None if name == "none" else str(feedback.path),
+            "control_params": 0 if name == "none" else feedback.n_parameters,
+        }  # fmt: skip
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    base = next((r for r in results if r["variant"] == "none"), None)
+    truths = {"chi2_mean": float(chi2_truth.mean()), "chi2_median": float(chi2_truth.median()),
+              "chi2_exact_mean": float(chi2_truth_exact.mean()),
+              "chi2_exact_median": float(chi2_truth_exact.median())}  # fmt: skip
+    for r in results:
+        for k, t in truths.items():
+            excess = None if base is None else base[k] - t
+            r[f"excess_cut_{k}"] = (base[k] - r[k]) / excess if excess else None
+
+    def cut(r: dict, a: str, b: str) -> str:
+        if r is base or r[a] is None:
+            return "-"
+        return f"{100 * r[a]:+.0f}% / {100 * r[b]:+.0f}%"
+
+    print(f"\n{args.n_lenses} held-out lenses (seed {args.seed}) x {args.n_samples} samples; "
+          f"truth reduced chi^2 (obs PSF) mean {truths['chi2_mean']:.4f}, median "
+          f"{truths['chi2_median']:.4f}; (exact) mean {truths['chi2_exact_mean']:.4f}, median "
+          f"{truths['chi2_exact_median']:.4f}")  # fmt: skip
+    print(
+        "| variant | sampler | mean / median χ²_r (obs PSF) | excess cut (mean / median) | "
+        "mean / median χ²_r (exact) | excess cut (mean / median) | param error (u) | "
+        "θ_E error (arcsec) | coverage 68% / 95% | s per lens | calls per sample |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        c1 = cut(r, "excess_cut_chi2_mean", "excess_cut_chi2_median")
+        c2 = cut(r, "excess_cut_chi2_exact_mean", "excess_cut_chi2_exact_median")
+        print(f"| {r['variant']} | {r['sampler']} | {r['chi2_mean']:.2f} / "
+              f"{r['chi2_median']:.2f} | {c1} | {r['chi2_exact_mean']:.2f} / "
+              f"{r['chi2_exact_median']:.2f} | {c2} | {r['param_error_u_mean']:.3f} | "
+              f"{r['theta_e_abs_error_median_arcsec']:.4f} | {r['coverage68']:.3f} / "
+              f"{r['coverage95']:.3f} | {r['s_per_lens']:.2f} | "
+              f"{r['simulator_calls_per_sample']} |")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "truth": truths, "results": results}, f, indent=1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="score control-net checkpoints end to end (see the docstring)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["none"],
+        help="--evaluate: 'none' and NAME=CONTROL_JSON entries",
+    )
+    p.add_argument("--lens-chunk", type=int, default=20, help="--evaluate: lenses per solve")
     p.add_argument("--model", default="euclid")
     p.add_argument("--fwhm", type=float, default=0.20, help="the single PSF FWHM, arcsec")
     p.add_argument("--n-train", type=int, default=2048, help="finetuning pool size")
@@ -97,8 +225,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--n-blocks", type=int, default=2)
-    p.add_argument("--n-steps", type=int, default=40, help="sampler steps over [0, 1]")
-    p.add_argument("--solver", default="euler")
+    p.add_argument(
+        "--n-steps",
+        type=int,
+        help="sampler steps over [0, 1] (default: 40; --evaluate: each variant's own default)",
+    )
+    p.add_argument("--solver", help="solver (default: euler; --evaluate: each variant's own)")
     p.add_argument("--chunk", type=int, default=1024, help="rows per simulator call")
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--threads", type=int, default=1)
@@ -106,6 +238,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.evaluate:
+        evaluate(args)
+        return
+    args.n_steps = args.n_steps or 40
+    args.solver = args.solver or "euler"
 
     model = load_model(args.model)
     posterior = model.posterior.eval()
