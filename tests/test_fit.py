@@ -1,0 +1,241 @@
+"""Fitting observed lenses end to end: preset choice, centring, outputs, diagnostics, CLI."""
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+from astropy.table import Table
+
+from lensflow.checkpoint import load_model
+from lensflow.cli import main
+from lensflow.config import preset
+from lensflow.fit import (
+    SUMMARY_QUANTILES,
+    diagnose,
+    fit,
+    fit_lens,
+    fit_lenses,
+    resolve_preset,
+    write_fit,
+)
+from lensflow.mocks import write_mock_fits
+from lensflow.observation import Observation, load_observation
+from lensflow.params import NAMES, REGISTRY
+from lensflow.prior import Prior
+from lensflow.sampling import PosteriorSamples
+from lensflow.simulator import LensSimulator, NoiseModel, gaussian_psf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EUCLID = preset("euclid")
+N_FAST = {"n": 64, "n_steps": 6, "feedback": "none"}
+
+
+def _theta(seed: int) -> torch.Tensor:
+    theta = Prior().sample((1,), generator=torch.Generator().manual_seed(seed))[0].double()
+    theta[NAMES.index("lens_theta_e")] = 1.2
+    return theta
+
+
+def _mock(seed: int = 0, *, fwhm: float = 0.2, n_pix: int = 64, shift=(0, 0)):
+    """A Euclid-like mock (noisy image, sigma, PSF kernel, truth), optionally larger."""
+    cfg = dataclasses.replace(EUCLID, n_pix=n_pix, psf_fwhm_arcsec=fwhm)
+    theta = _theta(seed)
+    theta[NAMES.index("lens_center_x")] += shift[0] * cfg.pixel_scale_arcsec
+    theta[NAMES.index("lens_center_y")] += shift[1] * cfg.pixel_scale_arcsec
+    for c in ("lens_light_center_x", "lens_light_center_y"):
+        theta[NAMES.index(c)] = theta[NAMES.index(c.replace("lens_light", "lens"))]
+    # Rendered with the native-pixel kernel the FITS file carries, as the fit's simulator is
+    # (the bilinear supersampling of a native kernel widens it: 0.200" -> 0.217" FWHM).
+    psf = gaussian_psf(fwhm, cfg.pixel_scale_arcsec)
+    sim = LensSimulator(cfg, psf_kernel=psf, dtype=torch.float64)
+    clean = sim(theta)
+    noise = NoiseModel(background_rms=0.004, exposure_time_s=2000.0)
+    g = torch.Generator().manual_seed(100 + seed)
+    image = noise.sample(clean, generator=g)
+    return image, noise.sigma(clean), psf, theta, cfg
+
+
+def _write(tmp_path, name="lens", **kw):
+    image, sigma, psf, theta, cfg = _mock(**kw)
+    path = write_mock_fits(tmp_path / f"{name}.fits", image.float(), sigma.float(), psf, cfg)
+    return path, theta
+
+
+def test_resolve_preset_by_pixel_scale():
+    def obs(scale):
+        return Observation(
+            torch.zeros(8, 8),
+            torch.ones(8, 8),
+            torch.ones(1, 1),
+            scale,
+            torch.ones(8, 8, dtype=torch.bool),
+        )
+
+    assert resolve_preset(obs(0.1)) == "euclid"
+    assert resolve_preset(obs(0.05)) == "hst"
+    assert resolve_preset(obs(0.04)) == "hst"  # ACS-like scales still map to hst
+    assert resolve_preset(obs(0.1), "hst") == "hst"  # explicit, within the factor of 2
+    with pytest.raises(ValueError, match="far from the shipped models"):
+        resolve_preset(obs(0.3))
+    with pytest.raises(ValueError, match="unknown preset 'jwst'"):
+        resolve_preset(obs(0.1), "jwst")
+
+
+def test_fit_writes_every_output_with_units(tmp_path):
+    path, _ = _write(tmp_path)
+    obs = load_observation(path)
+    result = fit_lens(obs, seed=3, **N_FAST)
+    written = write_fit(result, tmp_path / "out")
+    assert set(written) == {"samples", "summary", "corner_pdf", "corner_png", "residuals",
+                            "provenance"}  # fmt: skip
+    for p in written.values():
+        assert p.stat().st_size > 0
+    assert not list((tmp_path / "out").glob(".*tmp*"))  # no temporary files left behind
+    # Samples: one column per registry name, units in the FITS header, values round-trip.
+    table = Table.read(written["samples"])
+    assert table.colnames[: len(NAMES)] == list(NAMES)
+    units = {p.name: p.unit for p in REGISTRY}
+    assert table["lens_theta_e"].unit == "arcsec"
+    assert table["source_amp"].unit == units["source_amp"]
+    theta = np.stack([table[n] for n in NAMES], 1)
+    np.testing.assert_allclose(theta, result.samples.theta.numpy(), rtol=1e-6)
+    with fits.open(written["samples"]) as hdul:
+        assert hdul[1].header["LENSID"] == "lens"
+    # Summary: quantiles equal numpy's on the samples, diagnostics and flag present.
+    summary = Table.read(written["summary"])
+    for suffix, q in SUMMARY_QUANTILES.items():
+        expected = np.quantile(theta[:, 0].astype(np.float64), q)
+        assert summary[f"lens_theta_e_{suffix}"][0] == pytest.approx(expected, rel=1e-6)
+    assert summary["lens_theta_e_median"].unit == "arcsec"
+    for col in ("chi2_red_samples", "residual_coherence", "reliable", "reason", "feedback"):
+        assert col in summary.colnames
+    # Provenance: inputs with their SHA-256, model ids, seed and device.
+    prov = json.loads(written["provenance"].read_text())
+    assert prov["inputs"]["image"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert prov["seed"] == 3 and prov["preset"] == "euclid" and prov["device"] == "cpu"
+    assert len(prov["model"]["sha256"]) == 64
+    assert prov["diagnostics"]["chi2_red_samples"] == pytest.approx(
+        result.diagnostics.chi2_red_samples
+    )
+
+
+def test_samples_depend_only_on_their_own_seed(tmp_path):
+    obs = [load_observation(_write(tmp_path, f"l{i}", seed=i)[0]) for i in range(3)]
+    alone = fit_lens(obs[1], seed=7, **N_FAST).samples.theta
+    again = fit_lens(obs[1], seed=7, **N_FAST).samples.theta
+    batch = fit_lenses(obs, seeds=[1, 7, 9], **N_FAST)
+    torch.testing.assert_close(alone, again, rtol=0, atol=0)
+    torch.testing.assert_close(batch[1].samples.theta, alone, rtol=1e-5, atol=1e-6)
+    other = fit_lens(obs[1], seed=8, **N_FAST).samples.theta
+    assert not torch.allclose(other, alone)
+
+
+def test_centre_in_pixels_and_radec_cut_the_same_window(tmp_path):
+    # An 80x80 cutout whose lens sits 6 px right and 4 px up of the cutout centre.
+    image, sigma, psf, _, cfg = _mock(n_pix=80, shift=(6, 4))
+    path = write_mock_fits(tmp_path / "big.fits", image.float(), sigma.float(), psf, cfg,
+                           ra_deg=150.0, dec_deg=2.0)  # fmt: skip
+    obs = load_observation(path)
+    cx, cy = (80 - 1) / 2 + 6, (80 - 1) / 2 + 4
+    by_pix = fit_lens(obs, center_pix=(cx, cy), **N_FAST)
+    ra, dec = obs.wcs.celestial.pixel_to_world_values(cx, cy)
+    by_sky = fit_lens(obs, center_radec=(float(ra), float(dec)), **N_FAST)
+    centre = by_pix.provenance["cut_center_pix"]
+    assert abs(centre[0] - cx) <= 0.5 and abs(centre[1] - cy) <= 0.5
+    assert by_sky.provenance["cut_center_pix"] == centre
+    torch.testing.assert_close(by_pix.observation.image, by_sky.observation.image)
+    # The cut window holds the lens near its centre: its brightest pixel is within 2 px.
+    img = by_pix.observation.image
+    peak = divmod(int(torch.argmax(img)), img.shape[1])
+    assert abs(peak[0] - 31.5) <= 2.5 and abs(peak[1] - 31.5) <= 2.5
+    with pytest.raises(ValueError, match="not both"):
+        fit_lens(obs, center_pix=(cx, cy), center_radec=(float(ra), float(dec)), **N_FAST)
+    with pytest.raises(ValueError, match="outside the 80x80 px cutout"):
+        fit_lens(obs, center_radec=(10.0, 10.0), **N_FAST)
+
+
+def _diagnose(image, sigma, psf, theta, n=32):
+    mask = torch.ones_like(image, dtype=torch.bool)
+    obs = Observation(image, sigma, psf, EUCLID.pixel_scale_arcsec, mask, name="d")
+    samples = PosteriorSamples(theta.expand(n, -1).clone())
+    return diagnose(obs, samples, load_model("euclid"))[0]
+
+
+def test_diagnostics_pass_at_the_truth_and_flag_mismatches():
+    image, sigma, psf, theta, _ = _mock(seed=4)
+    good = _diagnose(image, sigma, psf, theta)
+    # At the truth the residual is the noise: chi2_red ~ 1 +- sqrt(2 / 4096), white.
+    assert good.chi2_red_median == pytest.approx(1.0, abs=0.08)
+    assert good.residual_coherence == pytest.approx(1.0, abs=0.25)
+    assert good.reliable and good.reason == ""
+    # Parameters off by 10% in theta_E: a poor fit with coherent residuals.
+    off = theta.clone()
+    off[NAMES.index("lens_theta_e")] *= 1.1
+    bad = _diagnose(image, sigma, psf, off)
+    assert not bad.reliable and "fit poorly" in bad.reason and "structured" in bad.reason
+    # A PSF far outside the euclid model's training range (0.16-0.24").
+    image_w, sigma_w, psf_w, theta_w, _ = _mock(seed=4, fwhm=0.45)
+    wide = _diagnose(image_w, sigma_w, psf_w, theta_w)
+    assert not wide.reliable and "PSF FWHM" in wide.reason
+
+
+def test_fit_one_call_api(tmp_path):
+    path, _ = _write(tmp_path)
+    samples = fit(path, n=32, feedback="none", out=tmp_path / "o", plots=False)
+    assert samples.theta.shape == (32, len(NAMES))
+    assert torch.isfinite(samples.theta).all()
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"samples.fits", "summary.ecsv",
+                                                            "provenance.json"}  # fmt: skip
+
+
+def test_cli_fit_and_corner(tmp_path, capsys):
+    path, theta = _write(tmp_path)
+    out = tmp_path / "fit"
+    code = main(["fit", str(path), "-n", "64", "--n-steps", "6", "--feedback", "none",
+                 "--seed", "1", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "preset auto: euclid" in text and "theta_E" in text
+    for name in ("samples.fits", "summary.ecsv", "corner.pdf", "corner.png", "residuals.png",
+                 "provenance.json"):  # fmt: skip
+        assert (out / name).is_file()
+    truth = Table({n: [float(v)] for n, v in zip(NAMES, theta, strict=True)})
+    truth.write(tmp_path / "truth.ecsv")
+    fig = tmp_path / "c.pdf"
+    code = main(["corner", str(out), str(out / "samples.fits"), "--labels", "a,b",
+                 "--params", "lens_theta_e,lens_e1", "--truths", str(tmp_path / "truth.ecsv"),
+                 "--out", str(fig)])  # fmt: skip
+    assert code == 0 and fig.read_bytes()[:4] == b"%PDF"
+    assert "68% and 95%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pixel-scale", "0.3"], "far from the shipped models"),
+        (["--center-pix", "3", "3"], "does not fit in the 64x64 px cutout"),
+        (["--center", "10", "10"], "outside the 64x64 px cutout"),
+        (["--psf", "missing.fits"], "missing.fits"),
+        (["--model", "nowhere/model"], "nowhere/model"),
+    ],
+)
+def test_cli_fit_user_errors_are_one_line(tmp_path, capsys, args, message):
+    path, _ = _write(tmp_path)
+    code = main(["fit", str(path), "-n", "8", "--feedback", "none", "--out",
+                 str(tmp_path / "o"), *args])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("lensflow: error:") and message in err[-1]
+
+
+def test_cli_corner_rejects_unknown_parameters(tmp_path, capsys):
+    path, _ = _write(tmp_path)
+    fit(path, n=16, feedback="none", out=tmp_path / "o", plots=False)
+    code = main(["corner", str(tmp_path / "o"), "--params", "theta_e", "--out",
+                 str(tmp_path / "c.pdf")])  # fmt: skip
+    assert code == 2 and "unknown parameter(s) theta_e" in capsys.readouterr().err
