@@ -45,6 +45,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import astropy.units as u
 import numpy as np
 from astropy.table import MaskedColumn, Table
+from astropy.utils.exceptions import AstropyWarning
 
 from lensflow import __version__
 from lensflow.config import PRESETS
@@ -275,10 +277,13 @@ def _load_task(lens: _Lens) -> _Task:
         raise ValueError("the image cell is empty")
     if i["noise"] is not None and i["weight"] is not None:
         raise ValueError("give noise or weight, not both")
-    obs = load_observation(
-        i["image"], noise=i["noise"], weight=i["weight"], psf=i["psf"], mask=i["mask"],
-        pixel_scale_arcsec=i["pixel_scale"], band=i["band"], name=lens.id,
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        # astropy's complaints about a broken file; the error that follows names the file.
+        warnings.simplefilter("ignore", AstropyWarning)
+        obs = load_observation(
+            i["image"], noise=i["noise"], weight=i["weight"], psf=i["psf"], mask=i["mask"],
+            pixel_scale_arcsec=i["pixel_scale"], band=i["band"], name=lens.id,
+        )  # fmt: skip
     obs = dataclasses.replace(obs, z_lens=i["z_lens"], z_source=i["z_source"])
     pix = (i["center_x"], i["center_y"])
     radec = (i["ra"], i["dec"])
@@ -666,8 +671,17 @@ def _run_dask(
     cluster = None
     try:
         if scheduler == "local":
-            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)  # fmt: skip
+            import logging
+
+            import dask
+
+            # Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes glibc return memory after
+            # every torch op: the diagnostics ran 10x slower (2.4 s vs 0.2 s per lens).
+            environ = {"MALLOC_TRIM_THRESHOLD_": 268435456, "MALLOC_MMAP_THRESHOLD_": 33554432}
+            with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v
+                                  for k, v in environ.items()}):  # fmt: skip
+                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=logging.ERROR)  # fmt: skip
             client = Client(cluster)
         else:
             try:

@@ -1,0 +1,279 @@
+"""Catalog analysis: reading and validation, failed rows, resumability after kill -9, Dask.
+
+The runs use the committed demo catalog (catalogs/demo.ecsv: 64x64 px Euclid-like cutouts)
+with 50 samples per lens and no figures, so each lens takes well under a second on a CPU.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.io import fits
+from astropy.table import Table
+
+from lensflow.catalog import lens_seed, read_catalog, run_catalog
+from lensflow.cli import main
+from lensflow.params import NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "catalogs" / "demo.ecsv"
+DEMO_TRUTH = ROOT / "catalogs" / "demo_truth.ecsv"
+SUFFIXES = ("median", "p16", "p84", "p2p5", "p97p5")
+SUMMARY = [f"{p}_{s}" for p in NAMES for s in SUFFIXES]
+#: Same machine, same thread count and the same batched calls: the runs should agree bit for
+#: bit. The tolerance only absorbs a printing round trip (ECSV writes floats with repr).
+RTOL = 1e-5
+
+
+def _demo_rows(tmp_path: Path, ids: list[str], name: str = "cat.ecsv") -> Path:
+    """A catalog of some demo rows, beside copies of their FITS files."""
+    demo = Table.read(DEMO)
+    (tmp_path / "demo").mkdir(exist_ok=True)
+    keep = demo[[i for i, x in enumerate(demo["id"]) if x in ids]]
+    for f in keep["image"]:
+        shutil.copy(DEMO.parent / f, tmp_path / f)
+    path = tmp_path / name
+    keep.write(path, overwrite=True)
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _assert_same_summaries(a: Table, b: Table) -> None:
+    assert list(a["id"]) == list(b["id"])
+    assert list(a["status"]) == list(b["status"])
+    for name in SUMMARY:
+        np.testing.assert_allclose(
+            np.asarray(a[name]), np.asarray(b[name]), rtol=RTOL, err_msg=name
+        )
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def test_read_catalog_converts_units_and_resolves(tmp_path):
+    path = tmp_path / "c.ecsv"
+    t = Table({"id": ["a", "b"], "image": ["a.fits", "b.fits"], "pixel_scale": [100.0, 50.0]})
+    t["pixel_scale"].unit = u.mas
+    t["extra"] = [1, 2]
+    t.write(path)
+    cat = read_catalog(path)
+    np.testing.assert_allclose(cat["pixel_scale"], [0.1, 0.05])
+    assert cat["pixel_scale"].unit == u.arcsec
+    assert list(cat["extra"]) == [1, 2]  # unknown columns are carried through
+    assert cat.meta["catalog_path"] == str(path.resolve())
+    csv = tmp_path / "c.csv"
+    csv.write_text("id,image,ra,dec\nx,x.fits,150.1,2.2\n")
+    cat = read_catalog(csv)
+    assert cat["ra"].unit == u.deg and float(cat["dec"][0]) == pytest.approx(2.2)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("id,psf\na,p.fits\n", "missing required column(s) image"),
+        ("id,image\na,a.fits\na,b.fits\n", "rows 0 and 1 have the same id 'a'"),
+        ("id,image\na/b,a.fits\n", "row 0: id 'a/b' is not usable"),
+        ("id,image,preset\na,a.fits,jwst\n", "row 0 (id a): unknown preset 'jwst'"),
+        ("id,image,status\na,a.fits,x\n", "column(s) status are reserved"),
+        ("id,image,pixel_scale\na,a.fits,big\n", "column pixel_scale is not numeric"),
+        ("id,image\n", "the catalog has no rows"),
+    ],
+)
+def test_read_catalog_errors_name_the_problem(tmp_path, rows, message):
+    path = tmp_path / "c.csv"
+    path.write_text(rows)
+    with pytest.raises(ValueError, match="c.csv") as err:
+        read_catalog(path)
+    assert message in str(err.value)
+
+
+def test_read_catalog_unreadable_and_missing(tmp_path):
+    bad = tmp_path / "c.fits"
+    bad.write_bytes(b"not a fits file at all")
+    with pytest.raises(ValueError, match="cannot read as a table"):
+        read_catalog(bad)
+    with pytest.raises(ValueError, match="catalog not found"):
+        read_catalog(tmp_path / "nope.ecsv")
+
+
+def test_cli_catalog_errors_are_one_line(tmp_path, capsys):
+    path = tmp_path / "c.csv"
+    path.write_text("id,image,preset\na,a.fits,jwst\n")
+    assert main(["catalog", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lensflow: error: ") and err.count("\n") == 1 and "jwst" in err
+
+
+def test_lens_seed_depends_on_seed_and_id_only():
+    assert lens_seed(0, "a") == lens_seed(0, "a")
+    assert len({lens_seed(0, "a"), lens_seed(1, "a"), lens_seed(0, "b")}) == 3
+    assert 0 <= lens_seed(123, "demo_00") < 2**31
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+def _write_variant(src: Path, dst: Path, *, image=None, noise=None, crop=None) -> None:
+    """A copy of a demo FITS with its IMAGE/NOISE replaced or all HDUs cropped."""
+    with fits.open(src) as hdul:
+        hdus = fits.HDUList([h.copy() for h in hdul])
+    if crop is not None:
+        for name in ("IMAGE", "NOISE"):
+            hdus[name].data = hdus[name].data[:crop, :crop]
+    if image is not None:
+        hdus["IMAGE"].data = np.full_like(hdus["IMAGE"].data, image)
+    if noise is not None:
+        hdus["NOISE"].data = np.full_like(hdus["NOISE"].data, noise)
+    hdus.writeto(dst)
+
+
+def test_run_catalog_records_bad_rows_and_keeps_going(tmp_path, one_thread):
+    path = _demo_rows(tmp_path, ["demo_00", "demo_01"])
+    good = tmp_path / "demo" / "demo_00.fits"
+    _write_variant(good, tmp_path / "nan.fits", image=np.nan)
+    _write_variant(good, tmp_path / "small.fits", crop=48)
+    (tmp_path / "corrupt.fits").write_bytes(b"SIMPLE  = T" + b"\0" * 100)
+    cat = Table.read(path)
+    for name, image in (("missing", "nope.fits"), ("corrupt", "corrupt.fits"),
+                        ("masked", "nan.fits"), ("small", "small.fits")):  # fmt: skip
+        cat.add_row({"id": name, "image": image, "noise": image, "psf": image,
+                     "pixel_scale": 0.1, "preset": "euclid"})  # fmt: skip
+    cat.write(path, overwrite=True)
+    t0 = time.perf_counter()
+    res = run_catalog(path, tmp_path / "out", n=50, plots=False, progress=False)
+    assert time.perf_counter() - t0 < 120
+    assert list(res["id"]) == ["demo_00", "demo_01", "missing", "corrupt", "masked", "small"]
+    status = dict(zip(res["id"], res["status"], strict=True))
+    reason = dict(zip(res["id"], res["reason"], strict=True))
+    assert [status[i] for i in res["id"]] == ["ok", "ok", "failed", "failed", "failed", "failed"]
+    assert "nope.fits: file not found" in reason["missing"]
+    assert "corrupt.fits" in reason["corrupt"]
+    assert "every pixel is masked" in reason["masked"]
+    assert "does not fit in the 48x48 px cutout" in reason["small"]
+    assert all("\n" not in r for r in res["reason"])
+    assert res.meta["n_ok"] == 2 and res.meta["n_failed"] == 4
+    # Units, finite summaries for ok rows and NaN for failed ones, both files written.
+    written = Table.read(tmp_path / "out" / "results.ecsv")
+    assert written["lens_theta_e_median"].unit == u.arcsec
+    assert written["wall_time_s"].unit == u.s
+    assert Table.read(tmp_path / "out" / "results.fits")["lens_theta_e_p97p5"].unit == u.arcsec
+    theta_e = np.asarray(written["lens_theta_e_median"])
+    assert np.isfinite(theta_e[:2]).all() and np.isnan(theta_e[2:]).all()
+    lo, hi = np.asarray(written["lens_theta_e_p2p5"]), np.asarray(written["lens_theta_e_p97p5"])
+    assert (lo[:2] < theta_e[:2]).all() and (theta_e[:2] < hi[:2]).all()
+    folder = tmp_path / "out" / "lenses" / "demo_00"
+    assert {"samples.fits", "summary.ecsv", "provenance.json", "result.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert len(Table.read(folder / "samples.fits")) == 50
+    assert (
+        json.loads((tmp_path / "out" / "lenses" / "small" / "result.json").read_text())["status"]
+        == "failed"
+    )
+
+
+def test_run_catalog_results_do_not_depend_on_row_order(tmp_path, one_thread):
+    path = _demo_rows(tmp_path, ["demo_03", "demo_11"])
+    cat = Table.read(path)
+    cat[::-1].write(tmp_path / "rev.ecsv")
+    a = run_catalog(path, tmp_path / "a", n=50, plots=False, progress=False)
+    b = run_catalog(tmp_path / "rev.ecsv", tmp_path / "b", n=50, plots=False, progress=False)
+    _assert_same_summaries(a, b[::-1])
+    # demo_11 is an 80x80 cutout centred by center_x/center_y; its posterior must find the
+    # lens (truth relative to that centre) rather than the cutout centre 0.8" away.
+    truth = Table.read(DEMO_TRUTH)
+    row = list(a["id"]).index("demo_11")
+    t = truth[list(truth["id"]).index("demo_11")]
+    assert abs(a["lens_center_x_median"][row] - t["lens_center_x"]) < 0.2
+    assert abs(a["lens_theta_e_median"][row] - t["lens_theta_e"]) < 0.2
+
+
+def test_run_catalog_refuses_other_settings_in_same_folder(tmp_path, one_thread):
+    path = _demo_rows(tmp_path, ["demo_02"])
+    run_catalog(path, tmp_path / "o", n=50, plots=False, progress=False)
+    with pytest.raises(ValueError, match="holds a catalog run with n=50"):
+        run_catalog(path, tmp_path / "o", n=60, plots=False, progress=False)
+    again = run_catalog(path, tmp_path / "o", n=50, plots=False, progress=False)
+    assert again.meta["n_skipped"] == 1 and again.meta["n_ok"] == 0
+
+
+def _cli(catalog: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lensflow.cli", "catalog", str(catalog), "--out", str(out),
+            "-n", "50", "--no-plots", "--quiet", *extra]  # fmt: skip
+
+
+def test_catalog_resumes_after_kill_9(tmp_path):
+    """kill -9 part way, rerun: the results equal an uninterrupted run's."""
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(DEMO, out), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any((out / "lenses").glob("*/result.json")):
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len(list((out / "lenses").glob("*/result.json")))
+    assert 1 <= n_done < 12, f"kill landed after {n_done} lenses; the test needs 1..11"
+    assert not (out / "results.ecsv").exists()
+    # Debris a killed run could leave: a stale temporary file and a partial lens folder.
+    (out / "lenses" / "demo_11").mkdir(parents=True, exist_ok=True)
+    (out / "lenses" / "demo_11" / ".samples.fits.x.tmp.fits").write_bytes(b"partial")
+    (out / "lenses" / "demo_11" / "samples.fits").write_bytes(b"partial")
+
+    rerun = subprocess.run(
+        _cli(DEMO, out), check=False, env=_env(), capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{12 - n_done} ok, 0 failed, {n_done} skipped (already done)" in rerun.stdout
+    assert not list((out / "lenses" / "demo_11").glob(".*tmp*"))
+    straight = subprocess.run(_cli(DEMO, tmp_path / "straight"), check=False, env=_env(),
+                              capture_output=True, text=True)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr
+    _assert_same_summaries(Table.read(out / "results.ecsv"),
+                           Table.read(tmp_path / "straight" / "results.ecsv"))  # fmt: skip
+
+
+def test_catalog_dask_local_cluster_matches_in_process(tmp_path):
+    path = _demo_rows(tmp_path, ["demo_04", "demo_05", "demo_06"])
+    dask = subprocess.run(_cli(path, tmp_path / "dask", "--workers", "2"), check=False,
+                          env=_env(),
+                          capture_output=True, text=True)  # fmt: skip
+    assert dask.returncode == 0, dask.stderr
+    assert "3 ok, 0 failed" in dask.stdout
+    local = subprocess.run(_cli(path, tmp_path / "local"), check=False, env=_env(),
+                           capture_output=True,
+                           text=True)  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    _assert_same_summaries(Table.read(tmp_path / "dask" / "results.ecsv"),
+                           Table.read(tmp_path / "local" / "results.ecsv"))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_catalog_truths_inside_posteriors(tmp_path, one_thread):
+    """The shipped euclid model on the lenstronomy-rendered demo: truths inside 99.7%."""
+    res = run_catalog(DEMO, tmp_path / "demo", n=1000, plots=False, progress=False)
+    assert res.meta["n_ok"] == 12
+    truth = Table.read(DEMO_TRUTH)
+    inside = np.zeros((12, len(NAMES)), dtype=bool)
+    for k, lens_id in enumerate(res["id"]):
+        samples = Table.read(tmp_path / "demo" / "lenses" / lens_id / "samples.fits")
+        t = truth[list(truth["id"]).index(lens_id)]
+        for j, name in enumerate(NAMES):
+            lo, hi = np.quantile(np.asarray(samples[name]), [0.0015, 0.9985])
+            inside[k, j] = lo <= float(t[name]) <= hi
+    theta_e = inside[:, NAMES.index("lens_theta_e")]
+    assert theta_e.sum() >= 10, f"theta_E inside 99.7% for {theta_e.sum()} of 12"
+    assert inside.mean() >= 0.9, f"{inside.mean():.3f} of truths inside 99.7%"
