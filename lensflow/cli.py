@@ -260,7 +260,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from lensflow.fit import fit_lens, resolve_preset, write_fit
+    from lensflow.fit import CORNER_PARAMS, fit_lens, resolve_preset, write_fit
+    from lensflow.params import NAMES
 
     obs = _load_observation(args)
     if args.preset == "auto" and args.model is None:
@@ -272,7 +273,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         center_pix=tuple(args.center_pix) if args.center_pix else None,
         center_radec=tuple(args.center) if args.center else None,
     )  # fmt: skip
-    written = write_fit(result, args.out, plots=not args.no_plots)
+    corner = CORNER_PARAMS
+    if args.corner_params:
+        corner = (
+            None
+            if args.corner_params == "all"
+            else [c.strip() for c in args.corner_params.split(",")]
+        )
+        unknown = [c for c in corner or [] if c not in NAMES]
+        if unknown:
+            raise ValueError(f"--corner-params: unknown parameter(s) {', '.join(unknown)}")
+    written = write_fit(result, args.out, plots=not args.no_plots, corner_params=corner)
     q = result.samples.quantiles((0.16, 0.5, 0.84))[:, 0].tolist()
     d = result.diagnostics
     print(
@@ -524,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--no-plots", action="store_true", help="skip corner and residual figures")
+    p.add_argument(
+        "--corner-params",
+        metavar="P1,P2,...|all",
+        help="parameters of corner.pdf (default: the 7 mass-model parameters)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_fit)
 

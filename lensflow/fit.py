@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from lensflow.checkpoint import TrainedPosterior
 
 __all__ = [
+    "CORNER_PARAMS",
     "MODEL_PIXEL_SCALES",
     "RELIABILITY",
     "SUMMARY_QUANTILES",
@@ -87,6 +88,14 @@ RELIABILITY: dict[str, float] = {
     "residual_coherence_max": 2.0,  # spatially coherent residual structure
     "range_tolerance": 0.15,  # PSF / noise may exceed the training range by this fraction
 }
+
+#: Parameters of the corner plot ``write_fit`` draws by default: the mass model. A 21x21
+#: corner takes ~10 s to draw (matplotlib's axes), a 7x7 one ~1 s; ``lensflow corner``
+#: draws any other selection from ``samples.fits``.
+CORNER_PARAMS: tuple[str, ...] = (
+    "lens_theta_e", "lens_e1", "lens_e2", "lens_center_x", "lens_center_y", "shear_gamma1",
+    "shear_gamma2",
+)  # fmt: skip
 
 #: Posterior samples re-simulated for ``chi2_red_samples``.
 N_DIAGNOSTIC_SAMPLES = 64
@@ -381,7 +390,8 @@ def fit_lenses(
 ) -> list[FitResult]:
     """Posteriors and diagnostics of many observed lenses, batched per model.
 
-    Every lens's samples depend only on its own seed, not on which lenses share its batch.
+    Every lens's samples depend only on its own seed, not on which lenses share its batch
+    (up to float32 round-off: batched kernels may sum in another order, ~1e-4 relative).
 
     Args:
         observations: Observations (any size and pixel scale covering the model's field).
@@ -593,11 +603,17 @@ def summary_table(result: FitResult) -> Table:
     return Table(table)
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (no partial file is ever seen)."""
+def _temp_path(path: Path) -> Path:
+    """A fresh hidden temporary file beside ``path`` with the same suffix."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
                                dir=path.parent)  # fmt: skip
     os.close(fd)
+    return Path(tmp)
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (no partial file is ever seen)."""
+    tmp = _temp_path(path)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
@@ -608,7 +624,13 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def write_fit(result: FitResult, out: str | Path, *, plots: bool = True) -> dict[str, Path]:
+def write_fit(
+    result: FitResult,
+    out: str | Path,
+    *,
+    plots: bool = True,
+    corner_params: Sequence[str] | None = CORNER_PARAMS,
+) -> dict[str, Path]:
     """Write a fit into a folder, each file atomically (temporary file + rename).
 
     Files: ``samples.fits`` (binary table, one column per registry name, units set),
@@ -619,6 +641,7 @@ def write_fit(result: FitResult, out: str | Path, *, plots: bool = True) -> dict
         result: The fit.
         out: Output folder (created).
         plots: Also write the figures (needs matplotlib and corner).
+        corner_params: Parameters of the corner plot (``None``: all 21).
 
     Returns:
         File role -> path written.
@@ -640,11 +663,19 @@ def write_fit(result: FitResult, out: str | Path, *, plots: bool = True) -> dict
         from lensflow import plots as lp
 
         title = f"{result.name} ({result.preset}, {result.samples.method})"
-        for suffix in ("pdf", "png"):
-            written[f"corner_{suffix}"] = _atomic(
-                out / f"corner.{suffix}",
-                lambda p: lp.corner_plot(result.samples, p, title=title),
-            )
+        # One corner figure saved twice (drawing 21x21 panels is the slow part).
+        targets = {"corner_pdf": out / "corner.pdf", "corner_png": out / "corner.png"}
+        tmps = {k: _temp_path(p) for k, p in targets.items()}
+        try:
+            lp.corner_plot(result.samples, list(tmps.values()), params=corner_params,
+                           title=title)  # fmt: skip
+            for key, path in targets.items():
+                os.chmod(tmps[key], 0o644)
+                os.replace(tmps[key], path)
+                written[key] = path
+        finally:
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
         written["residuals"] = _atomic(
             out / "residuals.png",
             lambda p: lp.residual_plot(result.observation, result.model_image, p,
