@@ -271,7 +271,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         obs, seed=args.seed, preset=args.preset, model=args.model, feedback=args.feedback,
         n=args.n, device=args.device, n_steps=args.n_steps,
         center_pix=tuple(args.center_pix) if args.center_pix else None,
-        center_radec=tuple(args.center) if args.center else None,
+        center_radec=tuple(args.center) if args.center else None, fallback=args.fallback,
     )  # fmt: skip
     corner = CORNER_PARAMS
     if args.corner_params:
@@ -291,6 +291,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         f"{result.timings['sample']:.1f} s; theta_E = {q[1]:.4f} "
         f"(+{q[2] - q[1]:.4f} / -{q[1] - q[0]:.4f}) arcsec"
     )
+    if result.fallback:
+        fb = result.fallback
+        state = "converged" if fb["converged"] else "NOT converged (chain < 50 tau)"
+        print(f"flow posterior flagged ({fb['flow_diagnostics']['reason']}); re-ran emcee: "
+              f"{fb['n_walkers']} walkers x {fb['n_steps']} steps in {fb['wall_time_s']:.0f} s, "
+              f"max tau {fb['max_tau']:.0f}, {state}")  # fmt: skip
     flag = "reliable" if d.reliable else f"NOT reliable: {d.reason}"
     print(f"reduced chi2 of posterior samples {d.chi2_red_samples:.2f}; {flag}")
     print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {args.out}/")
@@ -534,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-steps", type=int, help="ODE steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
+                   help="re-run a lens flagged unreliable with emcee on the same likelihood, "
+                   "started from the flow posterior (default: none)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip corner and residual figures")
     p.add_argument(
         "--corner-params",

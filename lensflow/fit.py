@@ -63,6 +63,7 @@ __all__ = [
     "fit_lens",
     "fit_lenses",
     "resolve_preset",
+    "run_fallback",
     "summary_row",
     "write_fit",
 ]
@@ -141,6 +142,9 @@ class FitResult:
         seed: Seed of the base noise.
         timings: Wall times in s: ``"sample"`` (share of the batched call), ``"diagnose"``.
         provenance: JSON-able record: inputs with SHA-256, model ids, version, device.
+        fallback: When the flow's answer was flagged and re-run with MCMC: the emcee
+            diagnostics (steps, walkers, tau, converged, wall time) and the flow's
+            diagnostics it replaced; ``None`` otherwise.
     """
 
     name: str
@@ -154,6 +158,84 @@ class FitResult:
     seed: int
     timings: dict[str, float]
     provenance: dict[str, Any]
+    fallback: dict[str, Any] | None = None
+
+
+#: emcee settings of ``fallback="mcmc"``: walkers start at distinct flow samples, so the
+#: burn-in can be short; the chain length is checked against 50 autocorrelation times.
+FALLBACK_EMCEE: dict[str, int] = {"n_walkers": 64, "n_burn": 300, "n_steps": 1500}
+
+
+def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
+                 n_burn: int | None = None, n_steps: int | None = None) -> FitResult:  # fmt: skip
+    """Re-run a lens with emcee on the same likelihood, started from its flow posterior.
+
+    The likelihood is the feedback's: the lensflow simulator on the cut observation's grid
+    with its PSF, noise map and mask, in float64; the prior is the registry's default.
+
+    Args:
+        result: A flow fit (typically one whose ``diagnostics.reliable`` is False).
+        model: The model it came from (for the preset's supersampling).
+        seed: Seed of emcee's moves.
+        n_burn: Burn-in steps (default ``FALLBACK_EMCEE``).
+        n_steps: Kept steps per walker (default ``FALLBACK_EMCEE``).
+
+    Returns:
+        The fit with emcee's samples (``method="emcee"``), fresh diagnostics and
+        ``fallback`` filled in.
+    """
+    import numpy as np
+
+    from lensflow.baselines.mcmc import run_emcee
+    from lensflow.prior import Prior
+    from lensflow.simulator import LensSimulator
+
+    obs = result.observation.to(torch.float64, "cpu")
+    h, _ = obs.shape
+    cfg = dataclasses.replace(model.simulator, n_pix=h, pixel_scale_arcsec=obs.pixel_scale_arcsec)
+    sim = LensSimulator(cfg, psf_kernel=obs.psf, dtype=torch.float64)
+    prior = Prior(dtype=torch.float64)
+    k = FALLBACK_EMCEE["n_walkers"]
+    theta = result.samples.theta.double()
+    pick = torch.linspace(0, theta.shape[0] - 1, min(k, theta.shape[0])).long()
+    start = theta[pick]
+    if start.shape[0] < k:  # fewer flow samples than walkers: repeat with a tiny jitter
+        g = torch.Generator().manual_seed(seed)
+        extra = start[torch.randint(0, start.shape[0], (k - start.shape[0],), generator=g)]
+        start = torch.cat([start, extra * (1 + 1e-6 * torch.randn(extra.shape, generator=g))])
+    span = prior.high - prior.low
+    start = torch.minimum(torch.maximum(start, prior.low + 1e-9 * span), prior.high - 1e-9 * span)
+    t0 = time.perf_counter()
+    run = run_emcee(sim, obs, prior=prior, n_walkers=k, init_walkers=start,
+                    n_burn=n_burn or FALLBACK_EMCEE["n_burn"],
+                    n_steps=n_steps or FALLBACK_EMCEE["n_steps"],
+                    rng=np.random.default_rng(seed))  # fmt: skip
+    d = run.diagnostics
+    # As many samples as the flow gave, evenly spaced over the post-burn-in chain.
+    n_keep = min(theta.shape[0], run.samples.theta.shape[0])
+    keep = torch.linspace(0, run.samples.theta.shape[0] - 1, n_keep).long()
+    lp = run.samples.log_prob
+    samples = dataclasses.replace(run.samples, theta=run.samples.theta[keep],
+                                  log_prob=None if lp is None else lp[keep])  # fmt: skip
+    diag, image, source = diagnose(obs, samples, model)
+    record = {
+        "method": "emcee",
+        "n_walkers": d.n_walkers,
+        "n_burn": d.n_burn,
+        "n_steps": d.n_steps,
+        "n_chain_samples": int(run.samples.theta.shape[0]),
+        "max_tau": float(d.tau.max()),
+        "converged": d.is_converged,
+        "acceptance_fraction": d.acceptance_fraction,
+        "wall_time_s": time.perf_counter() - t0,
+        "flow_diagnostics": dataclasses.asdict(result.diagnostics),
+    }
+    return dataclasses.replace(
+        result, samples=samples, model_image=image, source_image=source, diagnostics=diag,
+        timings={**result.timings, "fallback": record["wall_time_s"]},
+        provenance={**result.provenance, "method": "emcee", "fallback": record},
+        fallback=record,
+    )  # fmt: skip
 
 
 def resolve_preset(obs: Observation, preset: str = "auto") -> str:
@@ -387,6 +469,7 @@ def fit_lenses(
     device: str | torch.device = "auto",
     n_steps: int | None = None,
     chunk: int | None = None,
+    fallback: str = "none",
 ) -> list[FitResult]:
     """Posteriors and diagnostics of many observed lenses, batched per model.
 
@@ -407,6 +490,8 @@ def fit_lenses(
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         n_steps: ODE steps (default: the model's or the control network's).
         chunk: Lenses per batched solve (default: about 2e5 sample rows per solve).
+        fallback: ``"mcmc"`` re-runs every lens flagged unreliable with emcee on the same
+            likelihood, started from its flow posterior (``run_fallback``); ``"none"``.
 
     Returns:
         One ``FitResult`` per observation, in order.
@@ -417,6 +502,8 @@ def fit_lenses(
     """
     if n < 1:
         raise ValueError(f"the number of samples must be >= 1, got {n}")
+    if fallback not in ("none", "mcmc"):
+        raise ValueError(f"fallback must be 'none' or 'mcmc', got {fallback!r}")
     m = len(observations)
     seed_list = [seeds + i for i in range(m)] if isinstance(seeds, int) else list(seeds)
     presets = [preset] * m if isinstance(preset, str) else list(preset)
@@ -505,6 +592,11 @@ def fit_lenses(
                     "torch_threads": torch.get_num_threads(),
                 },
             )
+        if fallback == "mcmc":
+            for i in idx:
+                r = results[i]
+                if r is not None and not r.diagnostics.reliable:
+                    results[i] = run_fallback(r, trained, seed=seed_list[i])
     return [r for r in results if r is not None]
 
 
@@ -521,6 +613,7 @@ def fit_lens(
     n: int = 10_000,
     device: str | torch.device = "auto",
     n_steps: int | None = None,
+    fallback: str = "none",
 ) -> FitResult:
     """Posterior and diagnostics of one observed lens (``fit_lenses`` for one lens).
 
@@ -536,6 +629,7 @@ def fit_lens(
         n: Posterior samples.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         n_steps: ODE steps (default: the model's or the control network's).
+        fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable.
 
     Returns:
         The fit result.
@@ -543,7 +637,8 @@ def fit_lens(
     return fit_lenses([observation], seeds=[seed], centers_pix=[center_pix],
                       centers_radec=[center_radec],
                       names=None if name is None else [name], preset=preset, model=model,
-                      feedback=feedback, n=n, device=device, n_steps=n_steps)[0]  # fmt: skip
+                      feedback=feedback, n=n, device=device, n_steps=n_steps,
+                      fallback=fallback)[0]  # fmt: skip
 
 
 def summary_row(samples: PosteriorSamples) -> dict[str, Any]:
@@ -600,6 +695,11 @@ def summary_table(result: FitResult) -> Table:
     table["feedback"] = [result.feedback]
     table["method"] = [result.samples.method]
     table["n_samples"] = [int(result.samples.theta.shape[0])]
+    fb = result.fallback or {}
+    table["fallback"] = [fb.get("method", "")]
+    table["fallback_converged"] = [bool(fb.get("converged", False))]
+    table["flow_reliable"] = [bool(fb["flow_diagnostics"]["reliable"]) if fb else
+                              result.diagnostics.reliable]  # fmt: skip
     return Table(table)
 
 
@@ -712,6 +812,7 @@ def fit(
     device: str = "auto",
     out: str | Path | None = None,
     plots: bool = True,
+    fallback: str = "none",
 ) -> PosteriorSamples:
     """Fit one observed lens from its files in one call (what ``lensflow fit`` runs).
 
@@ -732,14 +833,17 @@ def fit(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         out: Optional output folder for ``write_fit``.
         plots: Write the figures into ``out``.
+        fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable.
 
     Returns:
-        The posterior samples, ``theta`` ``(n, 21)`` in physical units.
+        The posterior samples, ``theta`` ``(n, 21)`` in physical units (``method`` says
+        which sampler produced them).
     """
     obs = load_observation(image, noise=noise, weight=weight, psf=psf,
                            pixel_scale_arcsec=pixel_scale, band=band, mask=mask)  # fmt: skip
     result = fit_lens(obs, seed=seed, center_pix=center_pix, center_radec=center_radec,
-                      preset=preset, feedback=feedback, n=n, device=device)  # fmt: skip
+                      preset=preset, feedback=feedback, n=n, device=device,
+                      fallback=fallback)  # fmt: skip
     if out is not None:
         write_fit(result, out, plots=plots)
     return result.samples

@@ -391,6 +391,7 @@ def run_emcee(
     tol: float = 50.0,
     init: Tensor | None = None,
     init_scale: float = 1e-3,
+    init_walkers: Tensor | None = None,
     n_opt_steps: int = 200,
     use_progress: bool = False,
     generator: torch.Generator | None = None,
@@ -410,6 +411,9 @@ def run_emcee(
         init: Optional start, physical ``theta`` of shape ``(D,)``; default: the end point
             of :func:`optimize_posterior`.
         init_scale: Standard deviation of the walkers' initial ball in ``u`` (prior units).
+        init_walkers: Optional start of every walker, physical ``theta`` of shape
+            ``(n_walkers, D)``, e.g. distinct samples of an amortized posterior (replaces
+            ``init`` and the optimizer; ``start`` is then their median).
         n_opt_steps: Adam steps of :func:`optimize_posterior` when ``init`` is None.
         use_progress: Show emcee's progress bar.
         generator: Torch generator for the optimizer starts and the initial ball.
@@ -429,8 +433,18 @@ def run_emcee(
         raise ValueError(f"n_walkers must be even and >= 2 * D = {2 * n_dim}, got {n_walkers}")
     if n_steps < 1 or n_burn < 0:
         raise ValueError(f"need n_steps >= 1 and n_burn >= 0, got {n_steps}, {n_burn}")
-    start = _initial_theta(init, simulator, obs, prior, n_opt_steps, generator)
-    theta0 = _ball(start, n_walkers, init_scale, transform, generator)
+    if init_walkers is not None:
+        theta0 = torch.as_tensor(init_walkers, dtype=prior.low.dtype, device=prior.low.device)
+        if theta0.shape != (n_walkers, n_dim):
+            raise ValueError(
+                f"init_walkers must have shape ({n_walkers}, {n_dim}), got {tuple(theta0.shape)}"
+            )
+        if not torch.isfinite(prior.log_prob(theta0)).all():
+            raise ValueError("some init_walkers lie outside the prior box")
+        start = theta0.median(dim=0).values
+    else:
+        start = _initial_theta(init, simulator, obs, prior, n_opt_steps, generator)
+        theta0 = _ball(start, n_walkers, init_scale, transform, generator)
 
     def log_prob_fn(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
