@@ -263,7 +263,12 @@ def test_catalog_dask_local_cluster_matches_in_process(tmp_path):
 
 @pytest.mark.slow
 def test_demo_catalog_truths_inside_posteriors(tmp_path, one_thread):
-    """The shipped euclid model on the lenstronomy-rendered demo: truths inside 99.7%."""
+    """The shipped euclid model on the lenstronomy-rendered demo: truths inside 99.7%.
+
+    Measured (n=1000, CPU): theta_E inside for 11 of 12 lenses (demo_08, theta_E = 0.57",
+    is overestimated), 251 of 252 (lens, parameter) truths inside; 96% inside the 95%
+    intervals. The bounds leave room for the provisional model's miscalibration.
+    """
     res = run_catalog(DEMO, tmp_path / "demo", n=1000, plots=False, progress=False)
     assert res.meta["n_ok"] == 12
     truth = Table.read(DEMO_TRUTH)
