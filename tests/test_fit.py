@@ -239,3 +239,27 @@ def test_cli_corner_rejects_unknown_parameters(tmp_path, capsys):
     code = main(["corner", str(tmp_path / "o"), "--params", "theta_e", "--out",
                  str(tmp_path / "c.pdf")])  # fmt: skip
     assert code == 2 and "unknown parameter(s) theta_e" in capsys.readouterr().err
+
+
+def test_fallback_mcmc_improves_a_flagged_fit():
+    from lensflow.fit import FitResult, run_fallback
+
+    image, sigma, psf, theta, _ = _mock(seed=4)
+    mask = torch.ones_like(image, dtype=torch.bool)
+    obs = Observation(image, sigma, psf, EUCLID.pixel_scale_arcsec, mask, name="fb")
+    model = load_model("euclid")
+    # A deliberately wrong "flow posterior": theta_E 10% high, with a small spread.
+    g = torch.Generator().manual_seed(0)
+    bad = theta.expand(128, -1).clone()
+    bad[:, NAMES.index("lens_theta_e")] *= 1.1
+    bad *= 1 + 1e-3 * torch.randn(bad.shape, generator=g, dtype=torch.float64)
+    samples = PosteriorSamples(bad)
+    diag, image_m, source = diagnose(obs, samples, model)
+    assert not diag.reliable
+    flagged = FitResult("fb", samples, obs, image_m, source, diag, "euclid", "none", 0, {}, {})
+    fixed = run_fallback(flagged, model, seed=1, n_burn=40, n_steps=20)
+    assert fixed.samples.method == "emcee" and fixed.samples.theta.shape == (128, len(NAMES))
+    assert fixed.fallback["n_walkers"] == 64 and fixed.fallback["n_steps"] == 20
+    assert fixed.fallback["flow_diagnostics"]["reliable"] is False
+    # 60 short steps do not converge, but they move the chain well toward the truth.
+    assert fixed.diagnostics.chi2_red_samples < 0.5 * diag.chi2_red_samples
