@@ -18,7 +18,7 @@ Diagnostics (``Diagnostics``; thresholds in ``RELIABILITY``, measured in docs/fi
   ``r`` at the median: 1 for white residuals, up to 9 when the residual is spatially
   coherent (unmodelled structure, wrong PSF).
 * ``psf_fwhm_arcsec`` and ``noise_rms`` (the background RMS, fitted to the noise map as
-  ``sigma^2 = rms^2 + model / t``) against the ranges the model was trained on.
+  ``sigma^2 = rms^2 + max(image, 0) / t``) against the ranges the model was trained on.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Diagnostics:
         residual_coherence: 1 for white normalized residuals, up to 9 for coherent ones.
         psf_fwhm_arcsec: The observation's PSF FWHM (Gaussian fit), arcsec.
         noise_rms: Background noise RMS, image units: the intercept of a fit of
-            ``sigma^2 = rms^2 + model / t`` to the noise map.
+            ``sigma^2 = rms^2 + max(image, 0) / t`` to the noise map.
         reliable: True when no check fired.
         reason: Semicolon-separated reasons; empty when reliable.
     """
@@ -351,7 +351,7 @@ def _box3(r: Tensor) -> Tensor:
 
 
 def _background_rms(sigma: Tensor, model: Tensor) -> float:
-    """Background RMS from a noise map: the intercept of ``sigma^2 = rms^2 + model / t``.
+    """Background RMS from a noise map: the intercept of ``sigma^2 = rms^2 + flux / t``.
 
     Fitting the noise model of ``simulator.NoiseModel`` to the map separates the background
     from the source's Poisson noise, which dominates near bright lenses.
@@ -409,7 +409,8 @@ def diagnose(
     else:
         coherence = float("nan")
     fwhm = float(obs.psf_fwhm_arcsec)
-    noise = _background_rms(obs.sigma[used], images[0][used])
+    # Regressed on the data, not on the model: it must not depend on the fit being good.
+    noise = _background_rms(obs.sigma[used], obs.image[used])
     d, tol = model.data, RELIABILITY["range_tolerance"]
     reasons = []
     chi2_samples = float(chi2[1:].mean())
