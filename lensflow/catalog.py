@@ -64,7 +64,7 @@ from lensflow.params import REGISTRY
 if TYPE_CHECKING:
     from lensflow.fit import FitResult
 
-__all__ = ["FEEDBACK_KINDS", "lens_seed", "read_catalog", "run_catalog"]
+__all__ = ["FEEDBACK_KINDS", "lens_seed", "read_catalog", "results_table", "run_catalog"]
 
 #: Values of ``feedback`` (``auto``: the shipped control network when there is one).
 FEEDBACK_KINDS = ("auto", "gradient", "learned", "none")
@@ -592,11 +592,10 @@ def run_catalog(
                 "model": None if model is None else str(model)}  # fmt: skip
     _check_settings(out, settings)
     base = Path(catalog.meta.get("catalog_path", "catalog")).parent
-    lenses = [
-        _Lens(str(i), k, _lens_inputs(catalog, k, base, preset), "", lens_seed(seed, str(i)))
-        for k, i in enumerate(catalog["id"])
-    ]
-    lenses = [dataclasses.replace(x, preset=x.inputs["preset"]) for x in lenses]
+    lenses = []
+    for k, lens_id in enumerate(catalog["id"]):
+        inputs = _lens_inputs(catalog, k, base, preset)
+        lenses.append(_Lens(str(lens_id), k, inputs, inputs["preset"], lens_seed(seed, lens_id)))
 
     def finished(lens: _Lens) -> bool:
         r = _read_result(out / "lenses" / lens.id / "result.json")
