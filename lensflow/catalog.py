@@ -660,7 +660,7 @@ def _run_dask(
     scheduler: str,
     n_workers: int,
 ) -> None:
-    """Run the batches as Dask tasks, at most two per worker thread in flight."""
+    """Run the batches as Dask tasks, about two per worker thread in flight."""
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -690,36 +690,35 @@ def _run_dask(
                     f"cannot connect to the Dask scheduler {scheduler}: {err}"
                 ) from None
         with client:
-            slots = max(1, 2 * sum(client.nthreads().values()))
             queue = iter(batches)
             running = as_completed()
-            in_flight: dict[Any, list[_Lens]] = {}
+            in_flight: dict[Any, tuple[list[_Lens], list[_Task]]] = {}
 
-            def submit() -> bool:
-                for batch in queue:
+            def fill() -> None:
+                """Keep two batches per worker thread in flight (workers may join later)."""
+                while len(in_flight) < max(2, 2 * sum(client.nthreads().values())):
+                    batch = next(queue, None)
+                    if batch is None:
+                        return
                     tasks = load(batch)
                     if tasks:
                         future = client.submit(_fit_batch, tasks, pure=False, **options)
-                        in_flight[future] = batch
+                        in_flight[future] = (batch, tasks)
                         running.add(future)
-                        return True
-                return False
 
-            for _ in range(slots):
-                if not submit():
-                    break
+            fill()
             for future in running:
-                batch = in_flight.pop(future)
+                batch, tasks = in_flight.pop(future)
                 try:
                     outcomes = future.result()
                 except Exception as err:  # noqa: BLE001 - a lost worker fails its batch only
                     t = time.perf_counter()
                     detail = traceback.format_exception_only(type(err), err)[-1].strip()
                     outcomes = [
-                        _failure(x.id, RuntimeError(f"worker: {detail}"), t) for x in batch
+                        _failure(x.id, RuntimeError(f"worker: {detail}"), t) for x in tasks
                     ]
                 record(batch, outcomes)
-                submit()
+                fill()
     finally:
         if cluster is not None:
             cluster.close()

@@ -248,11 +248,14 @@ def test_catalog_resumes_after_kill_9(tmp_path):
 
 def test_catalog_dask_local_cluster_matches_in_process(tmp_path):
     path = _demo_rows(tmp_path, ["demo_04", "demo_05", "demo_06"])
+    cat = Table.read(path)
+    cat.insert_row(1, {"id": "gone", "image": "gone.fits", "preset": "euclid"})
+    cat.write(path, overwrite=True)
     dask = subprocess.run(_cli(path, tmp_path / "dask", "--workers", "2"), check=False,
                           env=_env(),
                           capture_output=True, text=True)  # fmt: skip
     assert dask.returncode == 0, dask.stderr
-    assert "3 ok, 0 failed" in dask.stdout
+    assert "3 ok, 1 failed" in dask.stdout
     local = subprocess.run(_cli(path, tmp_path / "local"), check=False, env=_env(),
                            capture_output=True,
                            text=True)  # fmt: skip
