@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from lensflow.observation import Observation
     from lensflow.sampling import PosteriorSamples
 
-__all__ = ["corner_plot", "plot_observation", "residual_plot"]
+__all__ = ["corner_plot", "coverage_plot", "plot_observation", "residual_plot"]
 
 
 def _pyplot():  # noqa: ANN202 - returns the matplotlib.pyplot module
@@ -308,5 +308,70 @@ def residual_plot(
     fig.suptitle(title or (obs.name or "observation"))
     path = Path(path)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def coverage_plot(
+    samples: Tensor,
+    truth: Tensor,
+    path: str | Path,
+    *,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Calibration of posteriors against known truths (e.g. a catalog of simulated lenses).
+
+    Left: the empirical coverage of central credible intervals against their nominal level,
+    one line per parameter, with the binomial 95% band of a calibrated posterior. Right: the
+    joint expected coverage by TARP (``metrics.tarp_coverage``).
+
+    Args:
+        samples: Posterior samples, shape ``(N, B, D)`` (``N`` per lens, ``B`` lenses).
+        truth: True parameters, shape ``(B, D)``, same units.
+        path: Output file (``.pdf`` or ``.png``).
+        names: Parameter names for the legend (default: ``params.NAMES`` when ``D`` = 21).
+        title: Figure title.
+
+    Returns:
+        The path written.
+    """
+    from lensflow.metrics import interval_coverage, tarp_coverage
+    from lensflow.params import NAMES, REGISTRY
+
+    plt = _pyplot()
+    import torch
+
+    d = truth.shape[-1]
+    names = list(names) if names is not None else (list(NAMES) if d == len(NAMES) else
+                                                   [f"p{i}" for i in range(d)])  # fmt: skip
+    labels = {p.name: p.label.split(" [")[0] for p in REGISTRY}
+    levels = [i / 20 for i in range(1, 20)]
+    cov = interval_coverage(samples.double(), truth.double(), levels=levels)
+    tarp = tarp_coverage(samples.double(), truth.double(), levels=levels,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    a = np.asarray(levels)
+    band = 1.96 * np.sqrt(a * (1 - a) / truth.shape[0])
+    fig, axes = plt.subplots(1, 2, figsize=(JOURNAL_WIDTH_IN, 3.6), constrained_layout=True)
+    cmap = plt.get_cmap("tab20")
+    for ax in axes:
+        ax.fill_between(a, a - band, a + band, color="0.85", lw=0)
+        ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("nominal credible level")
+    c = cov.coverage.cpu().numpy()
+    for j, name in enumerate(names):
+        axes[0].plot(a, c[:, j], color=cmap(j % 20), lw=0.9, label=labels.get(name, name))
+    axes[0].set_ylabel("empirical coverage")
+    axes[0].set_title(f"central intervals, {truth.shape[0]} lenses", fontsize=9)
+    axes[0].legend(fontsize=5, ncol=2, loc="upper left", frameon=False)
+    axes[1].plot(a, tarp.coverage.cpu().numpy(), color="#1f4e79", lw=1.5)
+    axes[1].set_title("joint (TARP)", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
     return path

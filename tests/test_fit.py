@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -263,3 +264,27 @@ def test_fallback_mcmc_improves_a_flagged_fit():
     assert fixed.fallback["flow_diagnostics"]["reliable"] is False
     # 60 short steps do not converge, but they move the chain well toward the truth.
     assert fixed.diagnostics.chi2_red_samples < 0.5 * diag.chi2_red_samples
+
+
+def test_cli_coverage_of_a_calibrated_synthetic_run(tmp_path, capsys):
+    # 200 "lenses" whose posteriors are calibrated by construction: truth and samples are
+    # independent draws around the same centre.
+    g = torch.Generator().manual_seed(0)
+    b, n = 200, 200
+    centre = torch.randn(b, len(NAMES), generator=g, dtype=torch.float64)
+    truth = centre + torch.randn(b, len(NAMES), generator=g, dtype=torch.float64)
+    rows = []
+    for i in range(b):
+        folder = tmp_path / "run" / "lenses" / f"l{i}"
+        folder.mkdir(parents=True)
+        draws = centre[i] + torch.randn(n, len(NAMES), generator=g, dtype=torch.float64)
+        Table({k: draws[:, j].numpy() for j, k in enumerate(NAMES)}).write(folder / "samples.fits")
+        rows.append({"id": f"l{i}", **{k: float(truth[i, j]) for j, k in enumerate(NAMES)}})
+    Table(rows=rows).write(tmp_path / "truth.ecsv")
+    code = main(["coverage", str(tmp_path / "run"), "--truths", str(tmp_path / "truth.ecsv"),
+                 "--out", str(tmp_path / "cov.png")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "cov.png").stat().st_size > 0
+    c68, c95 = (float(x) for x in re.findall(r"coverage ([\d.]+) at 68%, ([\d.]+) at 95%", out)[0])
+    # 21 x 200 intervals: standard error ~0.033 / sqrt(21) per level for the mean over parameters.
+    assert abs(c68 - 0.68) < 0.03 and abs(c95 - 0.95) < 0.02
