@@ -294,14 +294,15 @@ def residual_plot(
         h, w = src.shape
         s = obs.pixel_scale_arcsec
         ext = (-w * s / 2, w * s / 2, -h * s / 2, h * s / 2)
+        top = max(float(src.max()), 1e-12)
         im = axes[3].imshow(
             src,
             origin="lower",
             cmap="magma",
             extent=ext,
-            norm=AsinhNorm(linear_width=max(float(src.max()) * 1e-2, 1e-12)),
+            norm=AsinhNorm(linear_width=top * 1e-2, vmin=0.0, vmax=top),
         )
-        fig.colorbar(im, ax=axes[3], shrink=0.8)  # fmt: skip
+        fig.colorbar(im, ax=axes[3], shrink=0.8)
         axes[3].set_title("source plane (unlensed model)", fontsize=10)
         axes[3].set_xlabel("x - x_source [arcsec]")
         axes[3].set_ylabel("y - y_source [arcsec]")
