@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
-# The main job on the shipped defaults: render the demo catalog's mock lenses, inspect one and,
-# where ../shared is present, a real HST lens; then sample the posterior of a Euclid-like mock
-# with the shipped (provisional, CPU-trained) euclid model.
-source "$(dirname "$0")/_env.sh" plots
+# The main job on the shipped defaults (CPU is enough; a few minutes): fit the demo catalog
+# (12 Euclid-like mock lenses rendered by lenstronomy) with the shipped euclid model, plot its
+# calibration against the known truths and a paper-style corner plot of one lens, and, where
+# ../shared is present, fit a real Euclid Q1 lens.
+source "$(dirname "$0")/_env.sh" plots,baselines
 OUT="${1:-$ROOT/lensflow-demo}"
-lensflow simulate catalogs/demo_params.ecsv --out "$OUT/mocks" --preset hst --seed 42
-lensflow inspect "$OUT/mocks/demo_ring.fits" --out "$OUT/demo_ring.png"
-REAL="$ROOT/../shared/data/real_lenses/SDSSJ2303+1422"
+mkdir -p "$OUT"
+echo ">> lensflow catalog: the demo catalog (catalogs/demo.ecsv)"
+lensflow catalog catalogs/demo.ecsv --out "$OUT/catalog" -n 2000 --seed 0
+echo ">> lensflow coverage: calibration against the demo truths"
+lensflow coverage "$OUT/catalog" --truths catalogs/demo_truth.ecsv --out "$OUT/coverage.png"
+echo ">> lensflow corner: one lens, mass model, with its truth"
+lensflow corner "$OUT/catalog/lenses/demo_03" --truths catalogs/demo_truth.ecsv \
+    --truth-id demo_03 --labels "$(python -c "import json;print(json.load(open('$OUT/catalog/lenses/demo_03/provenance.json'))['method'])")" \
+    --params lens_theta_e,lens_e1,lens_e2,shear_gamma1,shear_gamma2 --out "$OUT/demo_03_corner.pdf"
+REAL="$ROOT/../shared/data/real_lenses/EuclidQ1_102018665_NEG570040238507752998"
 if [ -d "$REAL" ]; then
-    lensflow inspect "$REAL/image.fits" --noise "$REAL/noise_map.fits" --psf "$REAL/psf.fits" \
-        --pixel-scale 0.05 --out "$OUT/SDSSJ2303+1422.png"
+    echo ">> lensflow fit: a real Euclid Q1 lens (VIS)"
+    lensflow fit "$REAL/102018665_NEG570040238507752998.fits" --band VIS -n 2000 \
+        --out "$OUT/real_NEG570040238507752998"
 fi
-lensflow simulate catalogs/demo_params.ecsv --out "$OUT/mocks_euclid" --preset euclid --seed 42
-lensflow sample "$OUT/mocks_euclid/demo_ring.fits" --model euclid -n 1000 --seed 0 \
-    --out "$OUT/posterior_demo_ring"
 python - "$OUT" <<'PY'
 import sys
 from astropy.table import Table
 out = sys.argv[1]
-truth = Table.read(f"{out}/mocks_euclid/truth.ecsv")
-summary = Table.read(f"{out}/posterior_demo_ring/summary.ecsv")
-t = truth[truth["id"] == "demo_ring"][0]["lens_theta_e"]
-s = summary[0]
-print(f"demo_ring theta_E: posterior {s['lens_theta_e_median']:.3f} "
-      f"[{s['lens_theta_e_p16']:.3f}, {s['lens_theta_e_p84']:.3f}] arcsec, truth {t:.3f}")
+res = Table.read(f"{out}/catalog/results.ecsv")
+truth = Table.read("catalogs/demo_truth.ecsv")
+t = dict(zip(truth["id"], truth["lens_theta_e"]))
+print(f"\n{'lens':10s} {'theta_E [arcsec]':>26s} {'truth':>7s}  reliable")
+for r in res:
+    if r["status"] != "ok":
+        print(f"{r['id']:10s} failed: {r['reason']}")
+        continue
+    e = f"{r['lens_theta_e_median']:.3f} [{r['lens_theta_e_p16']:.3f}, {r['lens_theta_e_p84']:.3f}]"
+    print(f"{r['id']:10s} {e:>26s} {t[r['id']]:7.3f}  {bool(r['reliable'])}")
 PY
 echo
-echo "Done. Mock cutouts and truth tables: $OUT/mocks*/   figures: $OUT/*.png"
-echo "Posterior samples and summary of demo_ring: $OUT/posterior_demo_ring/"
+echo "Done. Catalog results: $OUT/catalog/results.ecsv (per-lens folders in $OUT/catalog/lenses/)"
+echo "Figures: $OUT/coverage.png, $OUT/demo_03_corner.pdf, $OUT/catalog/lenses/*/residuals.png"
+[ -d "$REAL" ] && echo "Real Euclid lens: $OUT/real_NEG570040238507752998/"
+exit 0
