@@ -124,45 +124,62 @@ def test_lens_seed_depends_on_seed_and_id_only():
 # --- running -------------------------------------------------------------------------------
 
 
-def _write_variant(src: Path, dst: Path, *, image=None, noise=None, crop=None) -> None:
-    """A copy of a demo FITS with its IMAGE/NOISE replaced or all HDUs cropped."""
+def _write_variant(src: Path, dst: Path, *, image=None, crop=None, crop_hdu=None) -> None:
+    """A copy of a demo FITS with its IMAGE replaced, or IMAGE+NOISE or one HDU cropped."""
     with fits.open(src) as hdul:
         hdus = fits.HDUList([h.copy() for h in hdul])
-    if crop is not None:
-        for name in ("IMAGE", "NOISE"):
+    for name in ("IMAGE", "NOISE") if crop_hdu is None else (crop_hdu,):
+        if crop is not None:
             hdus[name].data = hdus[name].data[:crop, :crop]
     if image is not None:
         hdus["IMAGE"].data = np.full_like(hdus["IMAGE"].data, image)
-    if noise is not None:
-        hdus["NOISE"].data = np.full_like(hdus["NOISE"].data, noise)
     hdus.writeto(dst)
 
 
+def _add_row(cat: Table, row: dict, index: int | None = None) -> None:
+    """Add a row; the cells it does not give are masked (empty), not zero."""
+    vals = {c: row.get(c, "" if cat[c].dtype.kind in "US" else 0) for c in cat.colnames}
+    mask = {c: c not in row for c in cat.colnames}
+    cat.insert_row(len(cat) if index is None else index, vals, mask=mask)
+
+
+BAD_ROWS = {  # id: (file, extra cells, expected reason)
+    "missing": ("nope.fits", {}, "nope.fits: file not found"),
+    "corrupt": ("corrupt.fits", {}, "corrupt.fits"),
+    "masked": ("nan.fits", {}, "every pixel is masked"),
+    "small": ("small.fits", {}, "does not fit in the 48x48 px cutout"),
+    "scale": ("demo/demo_00.fits", {"pixel_scale": 0.5, "preset": "auto"},
+              "is far from the shipped models"),
+    "psf": ("evenpsf.fits", {}, "PSF is 6x6; lensflow needs a square kernel with an odd side"),
+    "noise": ("noise.fits", {}, "noise map shape (60, 60) != image (64, 64)"),
+    "centre": ("demo/demo_00.fits", {"center_x": 31.5}, "only one of center_x, center_y"),
+}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:.*pixel_scale_arcsec=0.5 overrides:UserWarning")
 def test_run_catalog_records_bad_rows_and_keeps_going(tmp_path, one_thread):
     path = _demo_rows(tmp_path, ["demo_00", "demo_01"])
     good = tmp_path / "demo" / "demo_00.fits"
     _write_variant(good, tmp_path / "nan.fits", image=np.nan)
     _write_variant(good, tmp_path / "small.fits", crop=48)
+    _write_variant(good, tmp_path / "evenpsf.fits", crop=6, crop_hdu="PSF")
+    _write_variant(good, tmp_path / "noise.fits", crop=60, crop_hdu="NOISE")
     (tmp_path / "corrupt.fits").write_bytes(b"SIMPLE  = T" + b"\0" * 100)
     cat = Table.read(path)
-    for name, image in (("missing", "nope.fits"), ("corrupt", "corrupt.fits"),
-                        ("masked", "nan.fits"), ("small", "small.fits")):  # fmt: skip
-        cat.add_row({"id": name, "image": image, "noise": image, "psf": image,
-                     "pixel_scale": 0.1, "preset": "euclid"})  # fmt: skip
+    for name, (image, extra, _) in BAD_ROWS.items():
+        row = {"id": name, "image": image, "noise": image, "psf": image, "pixel_scale": 0.1,
+               "preset": "euclid"}  # fmt: skip
+        _add_row(cat, row | extra)
     cat.write(path, overwrite=True)
     t0 = time.perf_counter()
     res = run_catalog(path, tmp_path / "out", n=50, plots=False, progress=False)
     assert time.perf_counter() - t0 < 120
-    assert list(res["id"]) == ["demo_00", "demo_01", "missing", "corrupt", "masked", "small"]
-    status = dict(zip(res["id"], res["status"], strict=True))
-    reason = dict(zip(res["id"], res["reason"], strict=True))
-    assert [status[i] for i in res["id"]] == ["ok", "ok", "failed", "failed", "failed", "failed"]
-    assert "nope.fits: file not found" in reason["missing"]
-    assert "corrupt.fits" in reason["corrupt"]
-    assert "every pixel is masked" in reason["masked"]
-    assert "does not fit in the 48x48 px cutout" in reason["small"]
+    assert list(res["id"]) == ["demo_00", "demo_01", *BAD_ROWS]
+    assert list(res["status"]) == ["ok", "ok"] + ["failed"] * len(BAD_ROWS)
+    for k, (name, (_, _, expected)) in enumerate(BAD_ROWS.items()):
+        assert expected in res["reason"][k + 2], (name, res["reason"][k + 2])
     assert all("\n" not in r for r in res["reason"])
-    assert res.meta["n_ok"] == 2 and res.meta["n_failed"] == 4
+    assert res.meta["n_ok"] == 2 and res.meta["n_failed"] == len(BAD_ROWS)
     # Units, finite summaries for ok rows and NaN for failed ones, both files written.
     written = Table.read(tmp_path / "out" / "results.ecsv")
     assert written["lens_theta_e_median"].unit == u.arcsec
@@ -246,10 +263,26 @@ def test_catalog_resumes_after_kill_9(tmp_path, one_thread):
     _assert_same_summaries(Table.read(out / "results.ecsv"), straight)
 
 
+def test_catalog_on_dask_scheduler_address_matches_in_process(tmp_path, one_thread):
+    """The --scheduler ADDRESS path, on a 2-worker thread cluster started here (fast)."""
+    from dask.distributed import LocalCluster
+
+    path = _demo_rows(tmp_path, ["demo_07", "demo_09", "demo_11"])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:  # fmt: skip
+        on_dask = run_catalog(path, tmp_path / "dask", n=50, plots=False, progress=False,
+                              scheduler=cluster.scheduler_address)  # fmt: skip
+    assert on_dask.meta["n_ok"] == 3
+    local = run_catalog(path, tmp_path / "local", n=50, plots=False, progress=False)
+    _assert_same_summaries(on_dask, local)
+
+
+@pytest.mark.slow
 def test_catalog_dask_local_cluster_matches_in_process(tmp_path, one_thread):
+    """``--workers 2``: a LocalCluster of two worker processes (~25-50 s, mostly startup)."""
     path = _demo_rows(tmp_path, ["demo_04", "demo_05", "demo_06"])
     cat = Table.read(path)
-    cat.insert_row(1, {"id": "gone", "image": "gone.fits", "preset": "euclid"})
+    _add_row(cat, {"id": "gone", "image": "gone.fits", "preset": "euclid"}, index=1)
     cat.write(path, overwrite=True)
     dask = subprocess.run(_cli(path, tmp_path / "dask", "--workers", "2"), check=False,
                           env=_env(), capture_output=True, text=True)  # fmt: skip
