@@ -263,6 +263,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from lensflow.fit import CORNER_PARAMS, fit_lens, resolve_preset, write_fit
     from lensflow.params import NAMES
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
     obs = _load_observation(args)
     if args.preset == "auto" and args.model is None:
         chosen = resolve_preset(obs, "auto")

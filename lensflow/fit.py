@@ -725,6 +725,15 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def _output_folder(out: str | Path) -> Path:
+    """``out`` as a folder, created; a one-line error when it is something else."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def write_fit(
     result: FitResult,
     out: str | Path,
@@ -747,8 +756,7 @@ def write_fit(
     Returns:
         File role -> path written.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(out)
     written: dict[str, Path] = {}
     samples = samples_table(result.samples)
     samples.meta.update({"LENSID": result.name, "METHOD": result.samples.method,

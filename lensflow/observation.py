@@ -292,6 +292,12 @@ def _assemble(
         counts = ", ".join(f"{k[9:]}={v}" for k, v in meta.items() if k.startswith("n_masked"))
         raise ObservationError(f"{where}: every pixel is masked ({counts})")
     k, total = psf.shape, float(psf.sum())
+    if k[0] > image.shape[0] or k[1] > image.shape[1]:
+        raise ObservationError(
+            f"{psf_where}: PSF kernel {k[0]}x{k[1]} is larger than the image "
+            f"{image.shape[0]}x{image.shape[1]}; is this the right PSF file (a kernel, "
+            "not an image)?"
+        )
     if k[0] != k[1] or k[0] % 2 == 0:
         raise ObservationError(
             f"{psf_where}: PSF is {k[0]}x{k[1]}; lensflow needs a square "
@@ -491,7 +497,13 @@ def read_fits(
             if len(table) > 1:
                 meta["band_note"] = f"VIS chosen by default among {', '.join(table)}"
         elif table and key not in table:
-            raise ObservationError(f"{where}: no band {band!r}; bands: {', '.join(table)}")
+            named = [b for b in table if b]
+            if not named:
+                raise ObservationError(
+                    f"{where}: no band-prefixed HDUs (such as VIS_FLUX) in the file; "
+                    f"leave out band={band!r}"
+                )
+            raise ObservationError(f"{where}: no band {band!r}; bands: {', '.join(named)}")
         roles = table.get(key or "", {})
         if index is None:
             index = _hdu_index(hdul, roles.get("image"), where)

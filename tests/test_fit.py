@@ -223,15 +223,27 @@ def test_cli_fit_and_corner(tmp_path, capsys):
         (["--center", "10", "10"], "outside the 64x64 px cutout"),
         (["--psf", "missing.fits"], "missing.fits"),
         (["--model", "nowhere/model"], "nowhere/model"),
+        (["--psf", "BIG_PSF"], "is larger than the image"),
+        (["--band", "VIS"], "no band-prefixed HDUs"),
+        (["--n-steps", "4", "-n", "0"], "must be >= 1"),
     ],
 )
 def test_cli_fit_user_errors_are_one_line(tmp_path, capsys, args, message):
     path, _ = _write(tmp_path)
+    if "BIG_PSF" in args:
+        fits.writeto(tmp_path / "big_psf.fits", np.ones((101, 101)) / 101**2)
+        args = [str(tmp_path / "big_psf.fits") if a == "BIG_PSF" else a for a in args]
     code = main(["fit", str(path), "-n", "8", "--feedback", "none", "--out",
                  str(tmp_path / "o"), *args])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("lensflow: error:") and message in err[-1]
+
+
+def test_cli_fit_refuses_a_file_as_output_folder(tmp_path, capsys):
+    path, _ = _write(tmp_path)
+    code = main(["fit", str(path), "-n", "8", "--out", str(path)])
+    assert code == 2 and "is not a folder" in capsys.readouterr().err
 
 
 def test_cli_corner_rejects_unknown_parameters(tmp_path, capsys):
