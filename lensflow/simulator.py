@@ -42,6 +42,7 @@ __all__ = [
     "fine_psf",
     "gaussian_psf",
     "log_likelihood",
+    "pool_psf",
     "supersample_psf",
 ]
 
@@ -83,36 +84,155 @@ def gaussian_psf(
     return kernel / kernel.sum()
 
 
-def supersample_psf(kernel: Tensor, factor: int) -> Tensor:
-    """Resample a pixel PSF kernel onto a ``factor``-times finer grid (bilinear, renormalized).
+def _bspline_weight(x: Tensor) -> Tensor:
+    """The cubic B-spline at offsets ``x`` (in node spacings): positive, C^2, support +-2."""
+    x = x.abs()
+    near = 2 / 3 - x * x + 0.5 * x**3
+    far = (2 - x).clamp_min(0) ** 3 / 6
+    return torch.where(x < 1, near, far)
 
-    Caustics convolves at the supersampled resolution, so a kernel measured at the native
-    pixel scale (a FITS PSF) must be brought to that grid. Bilinear interpolation of the
-    native kernel is an approximation: it smooths the kernel by about one fine pixel. A
-    kernel measured at the fine resolution should be passed with ``factor=1``.
+
+def _pooling_taps(factor: int) -> tuple[tuple[int, float], ...]:
+    """1-D weights ``(fine offset, weight)`` of one native pixel on a centred fine kernel.
+
+    They give the native pixel's response, ``sum_a w_a * fine[p * factor + a]``, to a point
+    source at the centre of the native pixel ``p`` pixels away (the effective native PSF).
+    Odd ``factor``: that centre is a fine-pixel centre and the response is the block sum of
+    the ``factor`` fine pixels of native pixel ``p``. Even ``factor``: the native centre is
+    a fine-pixel *corner*, so the point is split over the four fine pixels at +-1/2 and
+    +-3/2 fine pixels with the cubic half-pixel weights ``(-1, 9, 9, -1) / 16`` before the
+    block sum (they reproduce quadratics, so they add no variance; a bilinear half/half
+    split, as lenstronomy's ``averaging_even_kernel``, adds 1/4 fine pixel^2).
+    """
+    block = [a - (factor - 1) / 2 for a in range(factor)]  # fine-pixel centres, native centre 0
+    split = ((0.0, 1.0),) if factor % 2 else ((-1.5, -1 / 16), (-0.5, 9 / 16),
+                                               (0.5, 9 / 16), (1.5, -1 / 16))  # fmt: skip
+    taps: dict[int, float] = {}
+    for b in block:
+        for s, w in split:
+            taps[round(b + s)] = taps.get(round(b + s), 0.0) + w
+    return tuple(sorted(taps.items()))
+
+
+def _pooling_matrix(n_native: int, n_fine: int, factor: int, like: Tensor) -> Tensor:
+    """``(n_native, n_fine)`` matrix of :func:`_pooling_taps`; both grids odd and centred."""
+    pool = like.new_zeros(n_native, n_fine)
+    for p in range(n_native):
+        centre = (p - (n_native - 1) // 2) * factor + (n_fine - 1) // 2
+        for a, w in _pooling_taps(factor):
+            if 0 <= centre + a < n_fine:
+                pool[p, centre + a] += w
+    return pool
+
+
+def pool_psf(kernel: Tensor, factor: int) -> Tensor:
+    """The effective native-pixel PSF of a kernel at the supersampled resolution.
+
+    This is what ``LensSimulator`` does to a point source at a native pixel centre:
+    convolve with ``kernel`` at the fine resolution, then sum each native pixel's
+    ``factor x factor`` fine pixels (the simulator's average-pooling, normalized to unit
+    sum). For an even ``factor`` the native centre falls on a fine-pixel corner; see
+    :func:`supersample_psf` for the convention. :func:`supersample_psf` inverts it:
+    ``pool_psf(supersample_psf(k, f), f)`` is ``k``, plus one ring of native pixels that
+    holds the light scattered beyond ``k``'s support (measured <= 5e-4 of the peak).
 
     Args:
-        kernel: Native-resolution kernel, shape ``(k, k)``, ``k`` odd.
+        kernel: Kernel at the fine pixel scale, shape ``(m, m)``, ``m`` odd, centred on its
+            central pixel, indexed ``[row = y, col = x]``.
         factor: Supersampling factor (>= 1).
 
     Returns:
-        Kernel of shape ``(m, m)``, ``m = k * factor`` made odd, summing to 1, centred on
-        the same point as the input.
+        Native-resolution kernel, shape ``(n, n)`` with ``n`` odd, large enough to hold
+        every native pixel the fine kernel reaches, summing to ``kernel.sum()``.
+
+    Example:
+        >>> fine = gaussian_psf(0.2, 0.05)
+        >>> pool_psf(fine, 2).shape, round(float(pool_psf(fine, 2).sum()), 6)
+        (torch.Size([9, 9]), 1.0)
     """
+    _check_kernel(kernel, factor)
+    if factor == 1:
+        return kernel.clone()
+    m = kernel.shape[0]
+    reach = max(abs(a) for a, _ in _pooling_taps(factor))
+    n = 2 * (((m - 1) // 2 + reach) // factor) + 1
+    pool = _pooling_matrix(n, m, factor, kernel)
+    return pool @ kernel @ pool.T
+
+
+def _check_kernel(kernel: Tensor, factor: int) -> None:
     if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 == 0:
         raise ValueError(f"PSF kernel must be square and odd-sized, got {tuple(kernel.shape)}")
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"supersampling factor must be an integer >= 1, got {factor!r}")
+
+
+def supersample_psf(kernel: Tensor, factor: int) -> Tensor:
+    """The fine-grid kernel whose effective native-pixel PSF is a given native kernel.
+
+    PSF kernels of real data are at the native pixel scale and pixel-integrated (a star's
+    image). ``LensSimulator`` convolves at a ``factor``-times finer scale and then
+    average-pools each native pixel, so the fine kernel must not contain the native pixel
+    box a second time: it is built so that :func:`pool_psf` (fine convolution + pooling of
+    a point at a native pixel centre) gives back ``kernel`` exactly. Interpolating the
+    native kernel instead (bilinear, the former behaviour) turned a native Gaussian of FWHM
+    0.200" into a fine kernel of 0.217" (second moments, 0.1"/px, ``factor`` 2).
+
+    Method (the problem of lenstronomy's ``kernel_util.subgrid_kernel``, solved exactly
+    instead of with its 5 fixed-point iterations and bilinear steps): the fine kernel is a
+    cubic B-spline surface with one coefficient per native pixel, ``fine = B u B^T`` (``B``
+    the ``(m, n)`` spline basis at the fine pixel centres, knots at the native pixel
+    centres). Pooling is a matrix ``P`` (:func:`pool_psf`), so ``P B u B^T P^T = kernel``
+    is solved for ``u`` with the ``n x n`` matrix ``C = P B`` (condition number 4.1-4.8 for
+    factors 2-4 and kernels of 9-61 pixels). Both maps are separable, so any kernel
+    (elongated, off-centre, asymmetric) is handled, and both reproduce linear functions, so
+    the centroid is kept. The smooth spline beat an interpolating (Keys) cubic basis on
+    images: rendering with the native PSF of a fine-Gaussian mock reproduces the mock to
+    <= 2.0e-3 of the peak (Keys: 3.6e-3; bilinear resampling: 9.5e-2).
+
+    Convention: the fine kernel is odd-sized and centred on its central fine pixel, which
+    sits at the native kernel's centre. For odd ``factor`` that is the centre of a native
+    pixel's central fine pixel. For even ``factor`` the simulator's native pixel centres
+    fall on fine-pixel corners; the native kernel is matched to the response to a point at
+    the native centre split over the 4 x 4 nearest fine pixels with cubic half-pixel weights
+    ``(-1, 9, 9, -1) / 16`` per axis, which reproduce quadratics and so add no variance. A
+    bilinear half/half split (lenstronomy's ``averaging_even_kernel``) adds 1/4 fine
+    pixel^2 of variance, and matching it made the fine kernel 4-5% too narrow in FWHM.
+
+    Args:
+        kernel: Native-resolution kernel, shape ``(k, k)``, ``k`` odd, centred on its
+            central pixel, indexed ``[row = y, col = x]``; normalized here.
+        factor: Supersampling factor (>= 1). ``factor = 1`` returns the normalized kernel.
+
+    Returns:
+        Kernel of shape ``(m, m)``, ``m = k * factor`` made odd (``+1`` for even
+        ``factor``), summing to 1, same dtype and device. It can have small negative lobes,
+        as an exact deconvolution of the pixel box can: measured >= -3.5e-3 of the peak for
+        Gaussians of FWHM 1.4-2.4 native pixels, -3.6e-3 and -2.4e-4 for the Euclid Q1
+        and HST PSFs in shared/data/real_lenses.
+
+    Raises:
+        ValueError: For a non-square or even-sized kernel, or a bad factor.
+
+    Example:
+        >>> native = gaussian_psf(0.2, 0.1)
+        >>> fine = supersample_psf(native, 2)
+        >>> error = (pool_psf(fine, 2)[1:-1, 1:-1] - native).abs().max() / native.max()
+        >>> fine.shape, bool(error < 1e-3)
+        (torch.Size([19, 19]), True)
+    """
+    _check_kernel(kernel, factor)
+    native = kernel / kernel.sum()
     if factor == 1:
-        return kernel / kernel.sum()
-    k = kernel.shape[0]
-    m = k * factor + (1 - factor % 2)
-    # Fine-pixel centres in units of native pixels, centred on the kernel's central pixel.
-    pos = (torch.arange(m, dtype=kernel.dtype, device=kernel.device) - (m - 1) / 2) / factor
-    grid_1d = pos / ((k - 1) / 2)  # normalized coordinates for grid_sample, align_corners
-    gy, gx = torch.meshgrid(grid_1d, grid_1d, indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1)[None]
-    fine = torch.nn.functional.grid_sample(
-        kernel[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
-    )[0, 0].clamp_min(0)
+        return native
+    n = native.shape[0]
+    m = n * factor + (1 - factor % 2)
+    fine_pos = (torch.arange(m, dtype=native.dtype, device=native.device) - (m - 1) / 2) / factor
+    node_pos = torch.arange(n, dtype=native.dtype, device=native.device) - (n - 1) / 2
+    interp = _bspline_weight(fine_pos[:, None] - node_pos[None, :])  # (m, n)
+    coupling = _pooling_matrix(n, m, factor, native) @ interp  # (n, n)
+    u = torch.linalg.solve(coupling, torch.linalg.solve(coupling, native).T).T
+    fine = interp @ u @ interp.T
     return fine / fine.sum()
 
 
@@ -121,7 +241,9 @@ def fine_psf(config: SimulatorConfig, psf_kernel: Tensor | None = None) -> Tenso
 
     Args:
         config: Pixel grid, supersampling and Gaussian FWHM (used without ``psf_kernel``).
-        psf_kernel: Optional kernel at the native pixel scale, shape ``(k, k)``, ``k`` odd.
+        psf_kernel: Optional kernel at the native pixel scale, shape ``(k, k)``, ``k`` odd,
+            pixel-integrated (as a PSF model or a star gives it); brought to the fine grid by
+            :func:`supersample_psf`, so the simulator's effective native PSF is this kernel.
 
     Returns:
         Kernel of unit sum, float64, shape ``(m, m)`` with ``m`` odd; ``(1, 1)`` ones (no
