@@ -165,6 +165,10 @@ class FitResult:
 #: burn-in can be short; the chain length is checked against 50 autocorrelation times.
 FALLBACK_EMCEE: dict[str, int] = {"n_walkers": 64, "n_burn": 300, "n_steps": 1500}
 
+#: The fallback restarts from the optimizer when its optimum beats every flow start by
+#: more than this many nats of log posterior (the flow is then in the wrong mode).
+MODE_MARGIN = 10.0
+
 
 def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
                  n_burn: int | None = None, n_steps: int | None = None) -> FitResult:  # fmt: skip
@@ -172,6 +176,10 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
 
     The likelihood is the feedback's: the lensflow simulator on the cut observation's grid
     with its PSF, noise map and mask, in float64; the prior is the registry's default.
+    The 64 walkers start at distinct flow samples, unless a multi-start optimizer (broad
+    prior starts plus 8 flow samples, ``baselines.mcmc.optimize_posterior``) finds a mode
+    more than ``MODE_MARGIN`` nats above every flow start: then they start around that
+    optimum (``fallback["init"]`` says which).
 
     Args:
         result: A flow fit (typically one whose ``diagnostics.reliable`` is False).
@@ -186,7 +194,12 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     """
     import numpy as np
 
-    from lensflow.baselines.mcmc import run_emcee
+    from lensflow.baselines.mcmc import (
+        box_transform,
+        log_posterior,
+        optimize_posterior,
+        run_emcee,
+    )
     from lensflow.prior import Prior
     from lensflow.simulator import LensSimulator
 
@@ -206,6 +219,22 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     span = prior.high - prior.low
     start = torch.minimum(torch.maximum(start, prior.low + 1e-9 * span), prior.high - 1e-9 * span)
     t0 = time.perf_counter()
+    # Mode check: the flow may sit in the wrong mode (a short chain started there stays).
+    # Optimize from broad prior starts and from 8 flow samples; if the optimum beats every
+    # flow start by more than MODE_MARGIN nats, the walkers start around it instead.
+    g = torch.Generator().manual_seed(seed)
+    best = optimize_posterior(
+        sim, obs, prior=prior, generator=g, extra_starts=start[torch.linspace(0, k - 1, 8).long()]
+    )
+    with torch.no_grad():  # fmt: skip
+        logp_flow = float(log_posterior(start, sim, obs, prior).max())
+        logp_best = float(log_posterior(best[None], sim, obs, prior)[0])
+    init = "flow"
+    if logp_best > logp_flow + MODE_MARGIN:
+        init = f"optimizer ({logp_best - logp_flow:.0f} nats above the best flow sample)"
+        u0 = box_transform(prior).to_u(best[None])
+        eps = torch.randn((k, u0.shape[-1]), generator=g, dtype=torch.float64)
+        start = box_transform(prior).from_u(u0 + 1e-3 * eps)
     run = run_emcee(sim, obs, prior=prior, n_walkers=k, init_walkers=start,
                     n_burn=n_burn or FALLBACK_EMCEE["n_burn"],
                     n_steps=n_steps or FALLBACK_EMCEE["n_steps"],
@@ -220,6 +249,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     diag, image, source = diagnose(obs, samples, model)
     record = {
         "method": "emcee",
+        "init": init,
         "n_walkers": d.n_walkers,
         "n_burn": d.n_burn,
         "n_steps": d.n_steps,

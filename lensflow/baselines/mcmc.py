@@ -172,6 +172,7 @@ def optimize_posterior(
     n_polish: int = 4,
     n_polish_steps: int = 200,
     generator: torch.Generator | None = None,
+    extra_starts: Tensor | None = None,
 ) -> Tensor:
     """Maximize the posterior density in ``u`` from broad starts (the MCMC initialization).
 
@@ -193,6 +194,9 @@ def optimize_posterior(
         n_polish: Adam end points refined by L-BFGS (0 skips the polish).
         n_polish_steps: L-BFGS iterations per polished point.
         generator: Torch generator (CPU) for the prior-draw starts.
+        extra_starts: Optional further starts, physical ``theta`` of shape ``(K, D)``
+            inside the prior box (e.g. samples of an amortized posterior), optimized with
+            the broad ones.
 
     Returns:
         Best physical ``theta``, shape ``(D,)``, inside the prior box.
@@ -210,7 +214,10 @@ def optimize_posterior(
     target = lambda u: _log_posterior_u(u, transform, simulator, obs, prior)
     centre = 0.5 * (prior.low + prior.high)
     draws = Prior(prior.specs, dtype=torch.float64).sample((n_starts - 1,), generator=generator)
-    u = transform.to_u(torch.cat([centre[None], draws.to(centre)])).detach().requires_grad_()
+    starts = [centre[None], draws.to(centre)]
+    if extra_starts is not None:
+        starts.append(torch.as_tensor(extra_starts).to(centre).reshape(-1, centre.shape[0]))
+    u = transform.to_u(torch.cat(starts)).detach().requires_grad_()
     optimizer = torch.optim.Adam([u], lr=lr)
     for _ in range(n_steps):
         optimizer.zero_grad()
