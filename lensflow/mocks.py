@@ -15,7 +15,6 @@ column index increases towards the West, so lensflow's +x points West
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from torch import Tensor
 from lensflow.config import SimulatorConfig
 from lensflow.params import NAMES, REGISTRY
 from lensflow.prior import Prior
-from lensflow.simulator import LensSimulator, NoiseModel, fine_psf
+from lensflow.simulator import LensSimulator, NoiseModel, fine_psf, pool_psf
 
 __all__ = ["ParamTable", "read_param_table", "simulate_mocks", "write_mock_fits"]
 
@@ -214,7 +213,8 @@ def simulate_mocks(
     out_dir.mkdir(parents=True, exist_ok=True)
     sim = LensSimulator(config, dtype=torch.float64)
     noise = NoiseModel.from_config(config)
-    psf = fine_psf(dataclasses.replace(config, upsample_factor=1))  # native pixel scale
+    # The native-pixel PSF the simulator actually applies (fine Gaussian, then pixel-pooled).
+    psf = pool_psf(fine_psf(config), config.upsample_factor)
     files, snrs = [], []
     for start in range(0, len(table.ids), batch_size):
         theta = table.theta[start : start + batch_size]

@@ -31,7 +31,7 @@ from lensflow.config import DATA_PRESETS, PRESETS
 from lensflow.mocks import write_mock_fits
 from lensflow.params import NAMES, REGISTRY, index
 from lensflow.prior import Prior
-from lensflow.simulator import NoiseModel, fine_psf
+from lensflow.simulator import NoiseModel, fine_psf, pool_psf
 
 N_LENSES = 12
 #: The off-centre lens: cutout side and lens offset from the cutout centre in pixels (x, y).
@@ -91,7 +91,8 @@ def main() -> None:
         noise = NoiseModel.from_config(config)
         sigma = noise.sigma(model)
         noisy = noise.sample(model, generator=gen)
-        psf = fine_psf(dataclasses.replace(config, upsample_factor=1))  # native pixel scale
+        # The native-pixel PSF the render applies (fine Gaussian, then pixel-pooled).
+        psf = pool_psf(fine_psf(config), config.upsample_factor)
         path = write_mock_fits(
             out / "demo" / f"{lens_id}.fits",
             noisy,

@@ -50,8 +50,8 @@ def _mock(seed: int = 0, *, fwhm: float = 0.2, n_pix: int = 64, shift=(0, 0)):
     theta[NAMES.index("lens_center_y")] += shift[1] * cfg.pixel_scale_arcsec
     for c in ("lens_light_center_x", "lens_light_center_y"):
         theta[NAMES.index(c)] = theta[NAMES.index(c.replace("lens_light", "lens"))]
-    # Rendered with the native-pixel kernel the FITS file carries, as the fit's simulator is
-    # (the bilinear supersampling of a native kernel widens it: 0.200" -> 0.217" FWHM).
+    # Rendered with the native-pixel kernel the FITS file carries, exactly as the fit's
+    # simulator renders (simulator.supersample_psf), so chi2 at the truth is pure noise.
     psf = gaussian_psf(fwhm, cfg.pixel_scale_arcsec)
     sim = LensSimulator(cfg, psf_kernel=psf, dtype=torch.float64)
     clean = sim(theta)
