@@ -81,7 +81,8 @@ _SUMMARY_SUFFIXES = ("median", "p16", "p84", "p2p5", "p97p5")
 _SUMMARY_COLUMNS = tuple(f"{p.name}_{s}" for p in REGISTRY for s in _SUMMARY_SUFFIXES)
 _OUTPUT_COLUMNS = ("status", "reason", "feedback", "seed", "wall_time_s", "method",
                    "n_samples", *_SUMMARY_COLUMNS, *_DIAGNOSTICS, "reliable",
-                   "unreliable_reason")  # fmt: skip
+                   "unreliable_reason", "flow_reliable", "fallback", "fallback_converged",
+                   "fallback_init")  # fmt: skip
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -325,6 +326,7 @@ def _record(result: FitResult) -> dict[str, Any]:
         "reliable": bool(diag["reliable"]),
         "unreliable_reason": diag["reason"],
         "timings_s": dict(result.timings),
+        "fallback": result.fallback,
     }
 
 
@@ -345,6 +347,7 @@ def _fit_batch(
     model: str | None,
     device: str,
     plots: bool,
+    fallback: str = "none",
 ) -> list[_Outcome]:
     """Fit a batch in one ``fit_lenses`` call and render its files (the unit of work).
 
@@ -360,13 +363,14 @@ def _fit_batch(
             feedback=feedback, n=n, seeds=[t.seed for t in tasks],
             centers_pix=[t.center_pix for t in tasks],
             centers_radec=[t.center_radec for t in tasks],
-            names=[t.id for t in tasks], device=device,
+            names=[t.id for t in tasks], device=device, fallback=fallback,
         )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - one bad lens must not stop the catalog
         if len(tasks) == 1:
             return [_failure(tasks[0].id, err, t0)]
         half = len(tasks) // 2
-        kw = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots}
+        kw = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots,
+              "fallback": fallback}  # fmt: skip
         return _fit_batch(tasks[:half], **kw) + _fit_batch(tasks[half:], **kw)
     share = (time.perf_counter() - t0) / len(tasks)
     outcomes = []
@@ -435,9 +439,11 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / "run.json"
     old = _read_json(path)
     if old is not None:
-        changed = [k for k in settings if old.get("settings", {}).get(k) != settings[k]]
+        defaults = {"fallback": "none"}  # runs written before the setting existed
+        previous = {**defaults, **old.get("settings", {})}
+        changed = [k for k in settings if previous.get(k) != settings[k]]
         if changed:
-            was = ", ".join(f"{k}={old['settings'].get(k)!r}" for k in changed)
+            was = ", ".join(f"{k}={previous.get(k)!r}" for k in changed)
             raise ValueError(
                 f"{out}: holds a catalog run with {was}; rerun with those settings to resume "
                 "it, or choose another --out"
@@ -497,6 +503,17 @@ def results_table(catalog: Table, out: str | Path) -> Table:
         table[name].unit = unit
     table["reliable"] = column(lambda r: bool(r.get("reliable", False)), False)
     table["unreliable_reason"] = column(lambda r: r.get("unreliable_reason", ""), "")
+
+    def fb(r: dict[str, Any]) -> dict[str, Any]:
+        return r.get("fallback") or {}
+
+    table["flow_reliable"] = column(
+        lambda r: bool(fb(r)["flow_diagnostics"]["reliable"]) if fb(r) else bool(
+            r.get("reliable", False)), False)  # fmt: skip
+    table["fallback"] = column(lambda r: fb(r).get("method", ""), "")
+    table["fallback_converged"] = column(lambda r: bool(fb(r).get("converged", False)), False)
+    table["fallback_init"] = column(lambda r: fb(r).get("init", ""), "")
+    table["fallback"].description = "emcee when the flow was flagged and re-run (--fallback)"
     table["status"].description = "ok, failed (see reason) or pending (not run yet)"
     table["reliable"].description = "False when a reliability diagnostic fired (docs/fit.md)"
     table["seed"].description = "per-lens seed, lens_seed(run seed, id)"
@@ -540,6 +557,7 @@ def run_catalog(
     device: str = "auto",
     plots: bool = True,
     progress: bool = True,
+    fallback: str = "none",
 ) -> Table:
     """Fit every lens of a catalog, resumably; write per-lens folders and a results table.
 
@@ -558,6 +576,9 @@ def run_catalog(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (resolved on each worker).
         plots: Write the corner and residual figures of every lens.
         progress: Show a progress bar with an ETA.
+        fallback: ``"mcmc"`` re-runs every lens whose flow posterior is flagged unreliable
+            with emcee on the same likelihood (``fit.run_fallback``); ``method`` then says
+            ``emcee`` and ``fallback_converged`` whether its chain reached 50 tau.
 
     Returns:
         The results table (also written to ``out/results.ecsv`` and ``.fits``), with
@@ -579,6 +600,8 @@ def run_catalog(
         )
     if preset != "auto" and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use auto or one of {', '.join(PRESETS)}")
+    if fallback not in ("none", "mcmc"):
+        raise ValueError(f"unknown fallback {fallback!r}; choose none or mcmc")
     if n < 1 or (batch_size is not None and batch_size < 1) or n_workers < 1:
         raise ValueError(f"n, batch_size and workers must be >= 1 (got {n}, {batch_size}, "
                          f"{n_workers})")  # fmt: skip
@@ -589,7 +612,7 @@ def run_catalog(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"n": n, "feedback": feedback, "seed": seed, "preset": preset,
-                "model": None if model is None else str(model)}  # fmt: skip
+                "model": None if model is None else str(model), "fallback": fallback}  # fmt: skip
     _check_settings(out, settings)
     base = Path(catalog.meta.get("catalog_path", "catalog")).parent
     lenses = []
@@ -609,7 +632,8 @@ def run_catalog(
             if lens.id not in done:
                 shutil.rmtree(out / "lenses" / lens.id, ignore_errors=True)
     counts = {"ok": 0, "failed": 0}
-    options = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots}
+    options = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots,
+               "fallback": fallback}  # fmt: skip
     from tqdm import tqdm
 
     with tqdm(total=len(lenses), initial=len(done), unit="lens", desc="catalog",

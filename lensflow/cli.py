@@ -394,9 +394,18 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         catalog, args.out, n=args.n, feedback=args.feedback, seed=args.seed,
         preset=args.preset, model=args.model, batch_size=args.batch_size, scheduler=scheduler,
         n_workers=args.workers, device=args.device, plots=not args.no_plots,
-        progress=not args.quiet,
+        progress=not args.quiet, fallback=args.fallback,
     )  # fmt: skip
     m = table.meta
+    ok = table["status"] == "ok"
+    n_flagged = int((ok & ~table["flow_reliable"]).sum())
+    n_unreliable = int((ok & ~table["reliable"]).sum())
+    text = f"{n_flagged} of {int(ok.sum())} flow posteriors flagged unreliable"
+    if args.fallback == "mcmc":
+        n_conv = int((ok & table["fallback_converged"]).sum())
+        text += (f"; re-ran with emcee: {n_conv} converged; {n_unreliable} still flagged "
+                 "after the fallback")  # fmt: skip
+    print(text + " (see reliable, unreliable_reason in the results)")
     print(f"{m['n_ok']} ok, {m['n_failed']} failed, {m['n_skipped']} skipped (already done) "
           f"in {m['wall_time_s']:.0f} s; results: {Path(args.out) / 'results.ecsv'}")  # fmt: skip
     return 0
@@ -658,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'local' (a LocalCluster of --workers processes) or a Dask scheduler "
                    "address, e.g. tcp://host:8786")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
+                   help="re-run lenses flagged unreliable with emcee on the same likelihood, "
+                   "started from the flow posterior (default: none)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip corner and residual figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_catalog)
