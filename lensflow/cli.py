@@ -455,6 +455,67 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+    import shlex
+
+    import torch
+
+    from lensflow.baselines import bench
+    from lensflow.config import run_provenance
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    cfg = bench.BENCH_CONFIGS[args.config]
+    changes = {} if args.methods is None else {"methods": bench.parse_methods(args.methods)}
+    if args.n_lenses is not None:
+        changes["n_lenses"] = args.n_lenses
+    cfg = dataclasses.replace(cfg, **changes)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; choose another --out")
+    lenses = bench.load_demo_lenses(cfg.n_lenses, catalog=args.catalog, truths=args.truths,
+                                    model=args.model)  # fmt: skip
+    notes = []
+    if args.real:
+        real, notes = bench.load_real_lenses(args.real_root, model=args.model)
+        lenses += real
+    torch.manual_seed(args.seed)
+    report = bench.run_bench(lenses, cfg, model=args.model, device=args.device, seed=args.seed,
+                             progress=not args.quiet)  # fmt: skip
+    report = dataclasses.replace(report, notes=(*report.notes, *notes))
+    parts = ["--config", args.config, "--methods", ",".join(cfg.methods), "--n-lenses",
+             str(cfg.n_lenses), "--seed", str(args.seed), "--threads", str(args.threads),
+             "--device", args.device, "--out", str(out)]  # fmt: skip
+    for flag, value in (("--model", args.model if args.model != "euclid" else None),
+                        ("--catalog", args.catalog), ("--truths", args.truths),
+                        ("--real-root", args.real_root), ("--docs", args.docs)):  # fmt: skip
+        parts += [flag, str(value)] if value else []
+    parts += ["--real"] if args.real else []
+    command = "lensflow bench " + " ".join(shlex.quote(a) for a in parts)
+    out.mkdir(parents=True, exist_ok=True)
+    tree = bench.bench_json(report, command=command,
+                            provenance=run_provenance(args.seed, {"bench": cfg}))  # fmt: skip
+    written = [out / f"bench-{cfg.name}.json"]
+    written[0].write_text(json.dumps(tree, indent=1) + "\n")
+    figures = bench.write_figures(report, out / "figures")
+    md = bench.markdown_report(report, command=command,
+                               figures=[str(f.relative_to(out)) for f in figures])  # fmt: skip
+    written.append(out / f"bench-{cfg.name}.md")
+    written[-1].write_text(md)
+    if args.docs:
+        docs = Path(args.docs)
+        shown = bench.write_figures(report, docs.parent / "figures")
+        (docs.parent / f"bench-{cfg.name}.json").write_text(json.dumps(tree, indent=1) + "\n")
+        block = bench.markdown_report(report, command=command,
+                                      figures=[str(f.relative_to(docs.parent)) for f in shown])  # fmt: skip
+        written.append(bench.replace_docs_block(docs, block))
+    print(f"{len(report.records)} records ({len(lenses)} lenses x {len(cfg.methods)} methods); "
+          f"wrote {', '.join(map(str, written))} and {len(figures)} figure(s)")  # fmt: skip
+    return 0
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *args, **kwargs) -> None:
     print(f"lensflow: warning: {message}", file=sys.stderr)
 
@@ -673,6 +734,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip corner and residual figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_catalog)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the flow against emcee, NUTS and lenstronomy on the same lenses",
+        description="Run each method on the first K lenstronomy-rendered demo mocks (and, "
+        "with --real, the Euclid Q1 VIS cutouts in shared/data/real_lenses) and write "
+        "OUT/bench-CONFIG.json (one record per lens x method: wall time, time to 10,000 "
+        "samples, convergence, error vs truth, reduced chi^2, C2ST vs emcee; coverage and "
+        "speed-ups), OUT/bench-CONFIG.md and OUT/figures/bench_*.png (docs/benchmarks.md).",
+    )
+    p.add_argument("--config", default="small", choices=["small", "full"],
+                   help="small: CPU, minutes, 3 lenses, capped emcee chain; full: 12 lenses, "
+                   "chains to 50 tau, every method (GPU)")  # fmt: skip
+    p.add_argument("--methods", metavar="M1,M2,...",
+                   help="subset of flow, flow+feedback, emcee, nuts, lenstronomy "
+                   "(default: the config's)")  # fmt: skip
+    p.add_argument("--n-lenses", type=int, metavar="K", help="first K demo lenses")
+    p.add_argument("--real", action="store_true",
+                   help="also the real Euclid Q1 lenses (no truths; skipped when absent)")  # fmt: skip
+    p.add_argument("--real-root", metavar="DIR", help="real_lenses folder (default: shared)")
+    p.add_argument("--catalog", metavar="TABLE", help="lens catalog (default: catalogs/demo.ecsv)")
+    p.add_argument("--truths", metavar="TABLE", help="truth table (default: demo_truth.ecsv)")
+    p.add_argument("--model", default="euclid", help="flow model (default: euclid)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of flow noise, starts and chains")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--docs", metavar="MD", help="also replace the generated block of this "
+                   "Markdown file (figures into its figures/, JSON beside it)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,1017 @@
+"""Benchmark stage: the flow against MCMC on the same lenses (issue 3's harness).
+
+``run_bench`` runs every requested method on the same cut observations and returns one
+record per lens x method; ``bench_json``, ``markdown_report`` and ``write_figures`` turn them
+into the JSON, the Markdown block of docs/benchmarks.md and the figures. ``lensflow bench``
+(cli.py) and ``scripts/benchmark.py`` are thin wrappers.
+
+Methods (``METHODS``):
+
+* ``flow``: the amortized posterior alone (``fit.fit_lenses(feedback="none")``).
+* ``flow+feedback``: with the shipped control net (``feedback="auto"``); skipped with a note
+  when the model has none.
+* ``emcee``: ``baselines.mcmc.run_emcee`` on lensflow's batched float64 likelihood of the same
+  cut observation (its PSF, noise map and mask, the model's supersampling), started as a user
+  starts it: ``optimize_posterior`` from the prior-box centre and broad prior draws (never
+  the truth or the flow), walkers in a small ball around the optimum. It is the reference of
+  the C2ST.
+* ``nuts``: ``run_nuts`` from the same optimizer end point.
+* ``lenstronomy``: ``run_lenstronomy`` (PSO, then emcee) on the same observation.
+
+Times: the flow's is the sampling call (the model is loaded and warmed up once before the
+first lens) scaled to 10,000 samples. An MCMC method's time to 10,000 samples is the
+optimizer (or PSO) time plus burn-in plus ``max(50, 10000 / n_walkers) * max(tau)`` steps at
+the measured time per step: 10,000 effective samples of a chain at least 50 tau long. From a
+short chain ``tau`` is underestimated, so that figure is a lower bound whenever the record
+says ``converged: false``. NUTS's is its wall time scaled by ``10000 / min(ESS)``.
+
+Accuracy: ``|median - truth|`` per parameter, the mean reduced chi^2 of up to 64 posterior
+samples re-simulated with the observation's PSF, noise map and mask (``fit.diagnose``),
+per-parameter central-interval coverage across lenses (``metrics.interval_coverage``), and
+the C2ST accuracy of each flow variant against the emcee samples of the same lens
+(``metrics.c2st``; 0.5 = indistinguishable).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BENCH_CONFIGS",
+    "GOALS",
+    "METHODS",
+    "BenchConfig",
+    "BenchLens",
+    "BenchReport",
+    "bench_json",
+    "hardware",
+    "load_demo_lenses",
+    "load_real_lenses",
+    "markdown_report",
+    "parse_methods",
+    "replace_docs_block",
+    "run_bench",
+    "write_figures",
+]
+
+import dataclasses
+import math
+import os
+import platform
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lensflow.observation import Observation
+
+#: Methods ``run_bench`` knows, in run order (emcee before the flows' C2ST needs it).
+METHODS: tuple[str, ...] = ("flow", "flow+feedback", "emcee", "nuts", "lenstronomy")
+
+#: Markers of the generated block in docs/benchmarks.md.
+DOCS_START, DOCS_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+#: Issue 3's goals for flow + feedback, per lens at 10,000 samples.
+GOALS: dict[str, float] = {
+    "speedup_vs_emcee_min": 100.0,
+    "speedup_vs_lenstronomy_min": 1000.0,
+    "chi2_rel_diff_max": 0.05,
+    "c2st_max": 0.65,
+    "coverage_tolerance": 0.05,
+}
+
+#: Samples a flow time and an MCMC time-to-samples are quoted for.
+N_REFERENCE_SAMPLES = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """Sizes of one benchmark run (``BENCH_CONFIGS`` holds the named ones).
+
+    Attributes:
+        name: Label written into the outputs.
+        n_lenses: Demo lenses (the first ``n_lenses`` catalog rows).
+        methods: Methods to run, a subset of ``METHODS``.
+        n_flow_samples: Flow samples per lens.
+        n_opt_starts: ``optimize_posterior`` starts (box centre + prior draws).
+        n_opt_steps: Adam steps of the optimizer.
+        n_polish: Adam end points polished by L-BFGS.
+        n_polish_steps: L-BFGS iterations per polished point.
+        emcee_walkers: emcee walkers (even, >= 42).
+        emcee_burn: emcee burn-in steps.
+        emcee_steps: Kept emcee steps per walker.
+        nuts_samples: NUTS draws per chain.
+        nuts_warmup: NUTS warm-up iterations per chain.
+        nuts_chains: NUTS chains.
+        nuts_tree_depth: NUTS maximum tree depth.
+        lt_particles: lenstronomy PSO particles.
+        lt_iterations: lenstronomy PSO iterations.
+        lt_walkers: lenstronomy emcee walkers.
+        lt_burn: lenstronomy emcee burn-in steps.
+        lt_steps: Kept lenstronomy emcee steps.
+        c2st_samples: Samples per side of each C2ST (evenly spaced subsets).
+        c2st_max_iter: Classifier epochs at most.
+        n_chi2_samples: Posterior samples re-simulated for the mean reduced chi^2.
+        n_coverage_samples: Samples per lens used for the coverage across lenses.
+    """
+
+    name: str = "small"
+    n_lenses: int = 3
+    methods: tuple[str, ...] = ("flow", "flow+feedback", "emcee")
+    n_flow_samples: int = 10_000
+    n_opt_starts: int = 16
+    n_opt_steps: int = 200
+    n_polish: int = 4
+    n_polish_steps: int = 200
+    emcee_walkers: int = 64
+    emcee_burn: int = 200
+    emcee_steps: int = 400
+    nuts_samples: int = 100
+    nuts_warmup: int = 100
+    nuts_chains: int = 2
+    nuts_tree_depth: int = 6
+    lt_particles: int = 100
+    lt_iterations: int = 100
+    lt_walkers: int = 64
+    lt_burn: int = 100
+    lt_steps: int = 200
+    c2st_samples: int = 2000
+    c2st_max_iter: int = 1000
+    n_chi2_samples: int = 64
+    n_coverage_samples: int = 4000
+
+
+BENCH_CONFIGS: dict[str, BenchConfig] = {
+    # CPU, minutes: 3 lenses, a capped emcee chain (reported as not converged).
+    "small": BenchConfig(),
+    # GPU: all 12 lenses, chains to 50 tau at issue 3's tau ~ 530 steps, every method.
+    "full": BenchConfig(
+        name="full",
+        n_lenses=12,
+        methods=METHODS,
+        emcee_burn=5000,
+        emcee_steps=30_000,
+        nuts_samples=1000,
+        nuts_warmup=1000,
+        nuts_chains=4,
+        nuts_tree_depth=8,
+        lt_particles=200,
+        lt_iterations=400,
+        lt_burn=5000,
+        lt_steps=30_000,
+        c2st_samples=5000,
+        c2st_max_iter=10_000,
+        n_coverage_samples=10_000,
+    ),
+}
+
+
+def parse_methods(methods: str | Iterable[str]) -> tuple[str, ...]:
+    """Validate a method list (``"flow,emcee"`` or a sequence), in ``METHODS`` order.
+
+    Args:
+        methods: Comma-separated names or a sequence of names.
+
+    Returns:
+        The methods, de-duplicated, in ``METHODS`` order.
+
+    Raises:
+        ValueError: For an empty list or an unknown name (one line naming the choices).
+
+    Example:
+        >>> parse_methods("emcee, flow")
+        ('flow', 'emcee')
+    """
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
+    names = [m for m in names if m]
+    if not names:
+        raise ValueError(f"--methods is empty; choose from {', '.join(METHODS)}")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}"
+        )
+    return tuple(m for m in METHODS if m in names)
+
+
+# --- lenses -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchLens:
+    """One benchmark lens on the model grid.
+
+    Attributes:
+        name: Lens id.
+        observation: The cut observation (model grid), float64 on the CPU.
+        truth: True parameters ``(D,)`` in registry units, or ``None`` (real lenses).
+        source: ``"demo"`` (lenstronomy-rendered mock) or ``"real"``.
+    """
+
+    name: str
+    observation: Observation
+    truth: Tensor | None
+    source: str = "demo"
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def load_demo_lenses(
+    n_lenses: int,
+    *,
+    catalog: str | Path | None = None,
+    truths: str | Path | None = None,
+    model: str = "euclid",
+) -> list[BenchLens]:
+    """The first ``n_lenses`` demo mocks (rendered by lenstronomy), cut to the model grid.
+
+    Args:
+        n_lenses: How many catalog rows, from the top (1 to the catalog's length).
+        catalog: Catalog path (default: the repository's catalogs/demo.ecsv).
+        truths: Truth table with ``id`` and registry columns (default: demo_truth.ecsv).
+        model: Model whose simulator grid the lenses are cut to.
+
+    Returns:
+        The lenses, with truths.
+
+    Raises:
+        ValueError: For a bad count, a missing table or a lens without a truth row.
+    """
+    from astropy.table import Table
+
+    from lensflow.catalog import read_catalog
+    from lensflow.checkpoint import load_model
+    from lensflow.cutouts import cut_to_fov
+    from lensflow.observation import load_observation
+    from lensflow.params import NAMES, REGISTRY
+
+    catalog = Path(catalog) if catalog is not None else _repo_root() / "catalogs" / "demo.ecsv"
+    truths = Path(truths) if truths is not None else catalog.with_name("demo_truth.ecsv")
+    table = read_catalog(catalog)
+    if not 1 <= n_lenses <= len(table):
+        raise ValueError(f"--n-lenses must be 1 to {len(table)} for {catalog}, got {n_lenses}")
+    if not truths.is_file():
+        raise ValueError(f"{truths}: truth table not found")
+    truth_table = Table.read(truths)
+    rows = {str(r["id"]): r for r in truth_table}
+    units = {p.name: p.unit for p in REGISTRY}
+    sim_cfg = load_model(model).simulator
+    base = catalog.parent
+    lenses = []
+    for k in range(n_lenses):
+        row = table[k]
+        lens_id = str(row["id"])
+        if lens_id not in rows:
+            raise ValueError(f"{truths}: no truth row for {lens_id}")
+
+        def path(col: str, row: Any = row) -> str | None:  # noqa: ANN401 - a table row
+            if col not in row.colnames or np.ma.is_masked(row[col]):
+                return None
+            return str(base / str(row[col]))
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obs = load_observation(path("image"), noise=path("noise"), psf=path("psf"),
+                                   name=lens_id)  # fmt: skip
+        center = None
+        if "center_x" in row.colnames and not np.ma.is_masked(row["center_x"]):
+            center = (float(row["center_x"]), float(row["center_y"]))
+        cut = cut_to_fov(obs, sim_cfg, center_pix=center).to(torch.float64, "cpu")
+        t = rows[lens_id]
+        values = [
+            float(t[n].to_value(units[n])) if getattr(t[n], "unit", None) is not None and units[n]
+            else float(t[n]) for n in NAMES
+        ]  # fmt: skip
+        truth = torch.tensor(values, dtype=torch.float64)
+        lenses.append(BenchLens(lens_id, cut, truth, "demo"))
+    return lenses
+
+
+def default_real_root() -> Path | None:
+    """``/work/shared/data/real_lenses`` or ``../shared/data/real_lenses``, if present."""
+    for p in (Path("/work/shared/data/real_lenses"),
+              _repo_root().parent / "shared" / "data" / "real_lenses"):  # fmt: skip
+        if p.is_dir():
+            return p
+    return None
+
+
+def load_real_lenses(
+    root: str | Path | None = None, *, model: str = "euclid"
+) -> tuple[list[BenchLens], list[str]]:
+    """The Euclid Q1 VIS cutouts in the real-lens folder, cut around their centres.
+
+    Args:
+        root: The real_lenses folder (default: ``default_real_root()``).
+        model: Model whose grid the lenses are cut to.
+
+    Returns:
+        The lenses (no truths) and one note per system that was skipped (or for a missing
+        folder).
+    """
+    from lensflow.checkpoint import load_model
+    from lensflow.cutouts import cut_to_fov
+    from lensflow.observation import load_observation
+
+    root = Path(root) if root is not None else default_real_root()
+    if root is None or not root.is_dir():
+        return [], ["real lenses skipped: no shared/data/real_lenses folder"]
+    sim_cfg = load_model(model).simulator
+    fov = sim_cfg.n_pix * sim_cfg.pixel_scale_arcsec
+    lenses, notes = [], []
+    for folder in sorted(root.glob("EuclidQ1_*")):
+        images = [p for p in sorted(folder.glob("*.fits")) if not p.name.startswith("mask")]
+        if not images:
+            notes.append(f"{folder.name}: no image FITS, skipped")
+            continue
+        mask = folder / "mask_extra_galaxies.fits"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obs = load_observation(images[0], band="VIS",
+                                       mask=mask if mask.is_file() else None,
+                                       name=folder.name)  # fmt: skip
+                padded = min(obs.fov_arcsec) < fov - 1e-6
+                cut = cut_to_fov(obs, sim_cfg, use_padding=padded)
+        except (ValueError, OSError) as err:
+            notes.append(f"{folder.name}: skipped ({err})")
+            continue
+        lenses.append(BenchLens(folder.name, cut.to(torch.float64, "cpu"), None, "real"))
+    return lenses, notes
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores, torch threads, GPU name and load of this machine."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """What ``run_bench`` measured.
+
+    Attributes:
+        config: The sizes used.
+        records: One JSON-able dict per lens x method (``status`` ``"ok"`` or ``"skipped"``).
+        summary: Coverage, means and speed-ups per method, and the goals table.
+        hardware: ``hardware()`` at the start of the run.
+        notes: Run-level notes (skipped methods or lenses).
+        samples: ``(lens, method)`` -> posterior samples, for the figures (not in the JSON).
+        truths: Lens -> truth ``(D,)`` for lenses that have one.
+    """
+
+    config: BenchConfig
+    records: tuple[dict[str, Any], ...]
+    summary: dict[str, Any]
+    hardware: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    samples: dict[tuple[str, str], Any] = field(default_factory=dict)
+    truths: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available")
+    return dev
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _subset(theta: Tensor, n: int) -> Tensor:
+    """``n`` evenly spaced rows of ``theta`` (all of them when there are fewer)."""
+    pick = torch.linspace(0, theta.shape[0] - 1, min(n, theta.shape[0])).long()
+    return theta[pick]
+
+
+def _accuracy(samples: Any, lens: BenchLens, trained: Any, cfg: BenchConfig) -> dict[str, Any]:  # noqa: ANN401
+    """Median, error vs truth and reduced chi^2 of one posterior."""
+    from lensflow.fit import diagnose
+    from lensflow.params import NAMES
+
+    theta = samples.theta.detach().double().cpu()
+    median = torch.quantile(theta, 0.5, dim=0)
+    diag, _, _ = diagnose(lens.observation, samples, trained, n_samples=cfg.n_chi2_samples)
+    out: dict[str, Any] = {
+        "n_samples": int(theta.shape[0]),
+        "median": dict(zip(NAMES, median.tolist(), strict=True)),
+        "chi2_red_samples": diag.chi2_red_samples,
+        "chi2_red_median": diag.chi2_red_median,
+        "lens_theta_e_median": float(median[0]),
+    }
+    if lens.truth is not None:
+        err = (median - lens.truth).abs()
+        out["abs_error"] = dict(zip(NAMES, err.tolist(), strict=True))
+        out["lens_theta_e_abs_error"] = float(err[0])
+    return out
+
+
+def _emcee_times(opt_s: float, step_s: float, n_burn: int, n_walkers: int, tau: float) -> dict:
+    """Time to a 50-tau chain and to 10,000 effective samples from measured step time/tau."""
+    n_conv = 50 * tau
+    n_ref = max(50.0, N_REFERENCE_SAMPLES / n_walkers) * tau
+    return {
+        "time_to_50tau_s": opt_s + step_s * (n_burn + n_conv),
+        "time_to_10k_samples_s": opt_s + step_s * (n_burn + n_ref),
+    }
+
+
+def _run_mcmc(
+    method: str, lens: BenchLens, cfg: BenchConfig, sim_cfg: Any, dev: torch.device,  # noqa: ANN401
+    seed: int, start: dict[str, Any], progress: bool,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """One MCMC baseline on one lens: samples and its record (timings, diagnostics)."""
+    from lensflow.baselines.mcmc import log_posterior, optimize_posterior, run_emcee, run_nuts
+    from lensflow.params import NAMES
+    from lensflow.prior import Prior
+    from lensflow.simulator import LensSimulator
+
+    obs = lens.observation
+    if method == "lenstronomy":
+        from lensflow.baselines.lenstronomy import run_lenstronomy
+
+        r = run_lenstronomy(obs, sim_cfg, n_particles=cfg.lt_particles,
+                            n_iterations=cfg.lt_iterations, n_walkers=cfg.lt_walkers,
+                            n_run=cfg.lt_steps, n_burn=cfg.lt_burn, use_progress=progress,
+                            rng=np.random.default_rng(seed))  # fmt: skip
+        d = r.diagnostics
+        tau = float(d.tau.max())
+        rec = {
+            "start": "PSO from the prior-box centre",
+            "init_time_s": r.pso_wall_time_s,
+            "wall_time_s": r.pso_wall_time_s + d.wall_time_s,
+            **_chain_record(d, NAMES),
+            **_emcee_times(r.pso_wall_time_s, d.time_per_step_s, d.n_burn, d.n_walkers, tau),
+        }
+        return r.samples, rec
+    sim = LensSimulator(sim_cfg, psf_kernel=obs.psf, dtype=torch.float64, device=dev)
+    if "theta" not in start:  # one optimizer run per lens, shared by emcee and NUTS
+        t0 = time.perf_counter()
+        start["theta"] = optimize_posterior(
+            sim, obs, n_starts=cfg.n_opt_starts, n_steps=cfg.n_opt_steps, n_polish=cfg.n_polish,
+            n_polish_steps=cfg.n_polish_steps, generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        _sync(dev)
+        start["time_s"] = time.perf_counter() - t0
+        # Is the start in the truth's mode? A broad-start optimizer can end in another one.
+        prior = Prior(dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            pts = [start["theta"]] + ([lens.truth.to(dev)] if lens.truth is not None else [])
+            logp = log_posterior(torch.stack(pts), sim, obs.to(torch.float64, dev), prior)
+        start["log_posterior"] = float(logp[0])
+        start["truth_log_posterior"] = float(logp[1]) if len(pts) > 1 else None
+    init, opt_s = start["theta"], start["time_s"]
+    where = f"optimize_posterior ({cfg.n_opt_starts} broad starts, not the truth or the flow)"
+    mode = {
+        "start_log_posterior": start["log_posterior"],
+        "truth_log_posterior": start["truth_log_posterior"],
+    }
+    if method == "emcee":
+        r = run_emcee(sim, obs, n_walkers=cfg.emcee_walkers, n_steps=cfg.emcee_steps,
+                      n_burn=cfg.emcee_burn, init=init, use_progress=progress,
+                      rng=np.random.default_rng(seed))  # fmt: skip
+        d = r.diagnostics
+        tau = float(d.tau.max())
+        rec = {
+            "start": where,
+            "init_time_s": opt_s,
+            "wall_time_s": opt_s + d.wall_time_s,
+            **mode,
+            **_chain_record(d, NAMES),
+            **_emcee_times(opt_s, d.time_per_step_s, d.n_burn, d.n_walkers, tau),
+        }
+        return r.samples, rec
+    r = run_nuts(sim, obs, n_samples=cfg.nuts_samples, n_warmup=cfg.nuts_warmup,
+                 n_chains=cfg.nuts_chains, max_tree_depth=cfg.nuts_tree_depth, init=init,
+                 use_progress=progress, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    d = r.diagnostics
+    ess_min = float(d.ess.min())
+    rec = {
+        "start": where, "init_time_s": opt_s, "wall_time_s": opt_s + d.wall_time_s, **mode,
+        "n_chains": d.n_chains, "n_steps": d.n_samples, "n_burn": d.n_warmup,
+        "r_hat_max": float(d.r_hat.max()), "ess_min": ess_min, "n_divergent": d.n_divergent,
+        "acceptance_fraction": d.acceptance_rate, "converged": d.is_converged,
+        "time_to_10k_samples_s": opt_s + d.wall_time_s * max(1.0, N_REFERENCE_SAMPLES
+                                                              / max(ess_min, 1e-9)),
+    }  # fmt: skip
+    return r.samples, rec
+
+
+def _chain_record(d: Any, names: Sequence[str]) -> dict[str, Any]:  # noqa: ANN401
+    """The ensemble diagnostics of an emcee-type run as JSON-able fields."""
+    tau = float(d.tau.max())
+    return {
+        "n_walkers": d.n_walkers,
+        "n_burn": d.n_burn,
+        "n_steps": d.n_steps,
+        "time_per_step_s": d.time_per_step_s,
+        "tau_max": tau,
+        "tau": dict(zip(names, d.tau.tolist(), strict=True)),
+        "n_effective": d.n_effective if math.isfinite(tau) else None,
+        "acceptance_fraction": d.acceptance_fraction,
+        "converged": d.is_converged,
+        "chain_over_tau": d.n_steps / tau if tau > 0 and math.isfinite(tau) else None,
+    }
+
+
+def _c2st_vs(ref: Any, other: Any, cfg: BenchConfig, seed: int) -> float | None:  # noqa: ANN401
+    """C2ST accuracy of ``other`` against ``ref`` on evenly spaced subsets (None if degenerate)."""
+    from lensflow.metrics import c2st
+
+    p = _subset(ref.theta.detach().double().cpu(), cfg.c2st_samples)
+    q = _subset(other.theta.detach().double().cpu(), cfg.c2st_samples)
+    if p.shape[0] < 10 or q.shape[0] < 10 or not bool((p.std(dim=0) > 0).all()):
+        return None
+    n_folds = min(5, p.shape[0] // 2)
+    return c2st(p, q, seed=seed, n_folds=n_folds, max_iter=cfg.c2st_max_iter)
+
+
+def run_bench(
+    lenses: Sequence[BenchLens],
+    cfg: BenchConfig,
+    *,
+    model: str = "euclid",
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> BenchReport:
+    """Run every method of ``cfg`` on every lens and measure speed and accuracy.
+
+    Args:
+        lenses: The lenses (``load_demo_lenses``, ``load_real_lenses``).
+        cfg: Sizes and methods.
+        model: The flow model (shipped name or path).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; the flow and
+            lensflow's likelihood run there (lenstronomy always on the CPU).
+        seed: Seed of the flow's base noise, the optimizer starts and the chains' moves.
+        progress: Show progress bars.
+
+    Returns:
+        The report.
+
+    Raises:
+        ValueError: For no lenses, unknown methods or an unavailable device.
+    """
+    from tqdm.auto import tqdm
+
+    from lensflow.checkpoint import load_model
+    from lensflow.fit import fit_lenses
+    from lensflow.sampling import resolve_feedback
+
+    if not lenses:
+        raise ValueError("no lenses to benchmark")
+    methods = parse_methods(cfg.methods)
+    dev = _device(device)
+    hw = hardware(dev)
+    trained = load_model(model, device=dev)
+    feedback_kind = resolve_feedback(trained, "auto")
+    records: list[dict[str, Any]] = []
+    samples: dict[tuple[str, str], Any] = {}
+    notes: list[str] = []
+    if "flow+feedback" in methods and feedback_kind == "none":
+        notes.append(f"flow+feedback skipped: no control net is shipped for the {model} model")
+    elif "flow+feedback" in methods:
+        import hashlib
+
+        from lensflow.checkpoint import control_path
+
+        weights = control_path(trained, feedback_kind).with_suffix(".safetensors")
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+        notes.append(f"flow+feedback: the {feedback_kind} control net {weights.name} "
+                     f"(sha256 {digest}...)")  # fmt: skip
+    flows = [m for m in ("flow", "flow+feedback") if m in methods]
+    flows = [m for m in flows if m == "flow" or feedback_kind != "none"]
+    for m in flows:  # warm-up: model load, control net load, first-call overheads
+        fit_lenses([lenses[0].observation], model=model, n=16, seeds=[seed], device=dev,
+                   feedback="none" if m == "flow" else "auto")  # fmt: skip
+    sim_cfg = trained.simulator
+    bar = tqdm(total=len(lenses) * len(methods), desc="bench", unit="run", disable=not progress)
+    for k, lens in enumerate(lenses):
+        obs = lens.observation
+        lens_cfg = dataclasses.replace(sim_cfg, n_pix=obs.shape[0],
+                                       pixel_scale_arcsec=obs.pixel_scale_arcsec)  # fmt: skip
+        start: dict[str, Any] = {}
+        for method in methods:
+            bar.set_postfix_str(f"{lens.name} {method}")
+            rec: dict[str, Any] = {"lens": lens.name, "source": lens.source, "method": method}
+            if method == "flow+feedback" and feedback_kind == "none":
+                rec.update(status="skipped", note=notes[0])
+                records.append(rec)
+                bar.update()
+                continue
+            if method in ("flow", "flow+feedback"):
+                fb = "none" if method == "flow" else "auto"
+                result = fit_lenses([obs], model=model, n=cfg.n_flow_samples, seeds=[seed + k],
+                                    device=dev, feedback=fb)[0]  # fmt: skip
+                post = result.samples
+                t = result.timings["sample"]
+                rec.update(
+                    status="ok", feedback=result.feedback, wall_time_s=t,
+                    time_to_10k_samples_s=t * N_REFERENCE_SAMPLES / cfg.n_flow_samples,
+                )  # fmt: skip
+            else:
+                post, extra = _run_mcmc(method, lens, cfg, lens_cfg, dev, seed + k, start,
+                                        progress)  # fmt: skip
+                rec.update(status="ok", **extra)
+            rec.update(_accuracy(post, lens, trained, cfg))
+            samples[(lens.name, method)] = post
+            records.append(rec)
+            bar.update()
+        ref = samples.get((lens.name, "emcee"))
+        for rec in records:
+            if rec["lens"] != lens.name or rec["status"] != "ok" or rec["method"] == "emcee":
+                continue
+            rec["c2st_vs_emcee"] = None if ref is None else _c2st_vs(
+                ref, samples[(lens.name, rec["method"])], cfg, seed)  # fmt: skip
+    bar.close()
+    truths = {lens.name: lens.truth for lens in lenses if lens.truth is not None}
+    summary = _summarize(records, samples, truths, methods, cfg)
+    return BenchReport(cfg, tuple(records), summary, hw, tuple(notes), samples, truths)
+
+
+# --- summary ----------------------------------------------------------------------------------
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def _summarize(
+    records: Sequence[dict[str, Any]],
+    samples: dict[tuple[str, str], Any],
+    truths: dict[str, Tensor],
+    methods: Sequence[str],
+    cfg: BenchConfig,
+) -> dict[str, Any]:
+    """Per-method means, coverage across lenses, per-lens speed-ups, and the goals."""
+    from lensflow.metrics import interval_coverage
+    from lensflow.params import NAMES
+
+    per_method: dict[str, Any] = {}
+    for m in methods:
+        ok = [r for r in records if r["method"] == m and r["status"] == "ok"]
+        if not ok:
+            continue
+        entry: dict[str, Any] = {
+            "n_lenses": len(ok),
+            "mean_chi2_red_samples": _mean(r["chi2_red_samples"] for r in ok),
+            "mean_lens_theta_e_abs_error": _mean(r.get("lens_theta_e_abs_error") for r in ok),
+            "median_time_to_10k_samples_s": float(
+                np.median([r["time_to_10k_samples_s"] for r in ok])
+            ),
+            "mean_c2st_vs_emcee": _mean(r.get("c2st_vs_emcee") for r in ok),
+        }
+        if "converged" in ok[0]:
+            entry["n_converged"] = sum(bool(r["converged"]) for r in ok)
+        with_truth = [r["lens"] for r in ok if r["lens"] in truths]
+        if with_truth:
+            n = min(cfg.n_coverage_samples,
+                    *(samples[(lens, m)].theta.shape[0] for lens in with_truth))  # fmt: skip
+            stacked = torch.stack([_subset(samples[(lens, m)].theta.double().cpu(), n)
+                                   for lens in with_truth], 1)  # fmt: skip
+            truth = torch.stack([truths[lens] for lens in with_truth])
+            cov = interval_coverage(stacked, truth, levels=(0.68, 0.95))
+            entry["coverage"] = {
+                "levels": [0.68, 0.95],
+                "n_lenses": len(with_truth),
+                "stderr": cov.stderr.tolist(),
+                "mean_over_params": cov.coverage.mean(dim=1).tolist(),
+                "per_param": {n_: cov.coverage[:, i].tolist() for i, n_ in enumerate(NAMES)},
+            }
+        per_method[m] = entry
+    speedups = []
+    for lens in dict.fromkeys(r["lens"] for r in records):
+        by = {r["method"]: r for r in records if r["lens"] == lens and r["status"] == "ok"}
+        for f in ("flow", "flow+feedback"):
+            if f not in by:
+                continue
+            row = {"lens": lens, "flow": f}
+            for ref in ("emcee", "nuts", "lenstronomy"):
+                if ref in by:
+                    row[f"vs_{ref}"] = (by[ref]["time_to_10k_samples_s"]
+                                        / by[f]["time_to_10k_samples_s"])  # fmt: skip
+                    row[f"vs_{ref}_wall"] = by[ref]["wall_time_s"] / by[f]["time_to_10k_samples_s"]
+            speedups.append(row)
+    return {"per_method": per_method, "speedups": speedups, "goals": _goals(per_method, speedups)}
+
+
+def _goals(per_method: dict[str, Any], speedups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 3's goals against the measured numbers, with the reasons a goal is not judged."""
+    flow = "flow+feedback" if "flow+feedback" in per_method else "flow"
+    fm, em = per_method.get(flow, {}), per_method.get("emcee", {})
+    why_flow = "" if flow == "flow+feedback" else "no control net: the flow alone is measured"
+    emcee_conv = em.get("n_converged", 0) == em.get("n_lenses", -1)
+    out = []
+
+    def add(goal: str, target: str, value: float | None, met: bool | None, why: str) -> None:
+        out.append({"goal": goal, "target": target, "measured": value, "met": met,
+                    "method": flow, "note": "; ".join(w for w in (why_flow, why) if w)})  # fmt: skip
+
+    for ref, key in (("emcee", "speedup_vs_emcee_min"),
+                     ("lenstronomy", "speedup_vs_lenstronomy_min")):  # fmt: skip
+        vals = [s.get(f"vs_{ref}") for s in speedups if s["flow"] == flow]
+        vals = [x for x in vals if x is not None and math.isfinite(x)]
+        v = float(np.median(vals)) if vals else None
+        conv = per_method.get(ref, {})
+        why = (
+            ""
+            if conv.get("n_converged", 0) == conv.get("n_lenses", -1)
+            else (
+                f"{ref} chains not converged: tau and the time to 10,000 samples are lower bounds"
+            )
+        )
+        if v is None:
+            ran = any(f"vs_{ref}" in s_ for s_ in speedups)
+            why = (
+                f"{ref}'s tau could not be estimated (chain too short)"
+                if ran
+                else (f"{ref} not run")
+            )
+        add(f"speed-up vs {ref} at 10,000 samples (median over lenses)",
+            f">= {GOALS[key]:g}x", v, None if v is None else v >= GOALS[key], why)  # fmt: skip
+    c_f, c_e = fm.get("mean_chi2_red_samples"), em.get("mean_chi2_red_samples")
+    rel = None if c_f is None or c_e is None else c_f / c_e - 1
+    add("mean reduced chi^2 relative to emcee's", f"within +/-{GOALS['chi2_rel_diff_max']:.0%}",
+        rel, None if rel is None else abs(rel) <= GOALS["chi2_rel_diff_max"],
+        "" if emcee_conv else "emcee not converged (capped chain)")  # fmt: skip
+    c2 = fm.get("mean_c2st_vs_emcee")
+    add("C2ST vs emcee (mean over lenses)", f"<= {GOALS['c2st_max']:g}", c2,
+        None if c2 is None else c2 <= GOALS["c2st_max"],
+        "" if emcee_conv else "emcee reference not converged")  # fmt: skip
+    cov = fm.get("coverage")
+    dev = None
+    if cov is not None:
+        dev = max(abs(c - a) for a, c in zip(cov["levels"], cov["mean_over_params"], strict=True))
+    add("coverage at 68%/95% (mean over parameters), largest deviation",
+        f"<= {GOALS['coverage_tolerance']:g}", dev,
+        None if dev is None else dev <= GOALS["coverage_tolerance"],
+        "" if cov is None else f"{cov['n_lenses']} lenses: binomial stderr "
+        f"{cov['stderr'][0]:.2f} / {cov['stderr'][1]:.2f}")  # fmt: skip
+    return out
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:  # noqa: ANN401 - any JSON-able tree
+    """Non-finite floats become ``None`` (strict JSON), tuples lists."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def bench_json(report: BenchReport, *, command: str = "", provenance: dict | None = None) -> dict:
+    """The report as a strict-JSON tree (no NaN): config, hardware, records, summary.
+
+    Args:
+        report: The report.
+        command: The command line that produced it.
+        provenance: ``config.run_provenance`` output (version, git SHA, time).
+
+    Returns:
+        JSON-able dict.
+    """
+    return _jsonable({
+        "command": command,
+        "provenance": provenance or {},
+        "config": dataclasses.asdict(report.config),
+        "hardware": report.hardware,
+        "notes": list(report.notes),
+        "records": list(report.records),
+        "summary": report.summary,
+    })  # fmt: skip
+
+
+def _fmt(v: float | None, spec: str = ".3g") -> str:
+    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def _mode_note(r: dict[str, Any]) -> str:
+    """Says when the optimizer's start is more than 10 nats below the truth's posterior."""
+    lp, lt = r.get("start_log_posterior"), r.get("truth_log_posterior")
+    if lp is None or lt is None or lt - lp <= 10:
+        return ""
+    return f"; start {lt - lp:.0f} nats below the truth (another mode)"
+
+
+def _convergence(r: dict[str, Any]) -> str:
+    if r["method"] in ("flow", "flow+feedback"):
+        return "n/a (independent samples)"
+    if r["method"] == "nuts":
+        yes = "yes" if r["converged"] else "**no**"
+        text = f"{yes}: R-hat {_fmt(r['r_hat_max'], '.3f')}, min ESS {_fmt(r['ess_min'], '.0f')}"
+        return text + _mode_note(r)
+    tau = r["tau_max"]
+    if r["converged"]:
+        text = f"yes: {r['n_steps']} steps >= 50 tau ({_fmt(tau, '.0f')})"
+    else:
+        text = (f"**no**: {r['n_steps']} steps < 50 tau = {_fmt(50 * tau, '.0f')} "
+                f"(tau {_fmt(tau, '.0f')})")  # fmt: skip
+    return text + _mode_note(r)
+
+
+def markdown_report(report: BenchReport, *, command: str = "", figures: Sequence[str] = ()) -> str:
+    """The generated Markdown block: hardware, per-lens table, summary, goals, figures.
+
+    Args:
+        report: The report.
+        command: The command line, quoted in the block.
+        figures: Figure paths relative to the Markdown file, embedded at the end.
+
+    Returns:
+        Markdown text (no markers).
+    """
+    hw, cfg = report.hardware, report.config
+    gpu = hw["gpu"] or "none"
+    lines = [
+        f"Generated by `lensflow bench` (config `{cfg.name}`); do not edit by hand.",
+        "",
+        "```bash",
+        command or "lensflow bench",
+        "```",
+        "",
+        (
+            f"Hardware: {hw['cpu']}, {hw['cpu_cores']} cores, {hw['torch_threads']} torch "
+            f"thread(s), device `{hw['device']}`, GPU: {gpu}; load average at start "
+            f"{_fmt(hw['load_average_1min'], '.1f')}; torch {hw['torch_version']}."
+        ),
+        "",
+        (
+            f"Settings: {cfg.n_flow_samples:,} flow samples per lens; emcee {cfg.emcee_walkers} "
+            f"walkers x ({cfg.emcee_burn} burn-in + {cfg.emcee_steps} steps) from "
+            f"`optimize_posterior` ({cfg.n_opt_starts} broad starts); C2ST on "
+            f"{cfg.c2st_samples:,} samples per side; reduced chi^2 of {cfg.n_chi2_samples} "
+            "re-simulated samples."
+        ),
+        "",
+    ]
+    lines += [f"- {n}" for n in report.notes]
+    if report.notes:
+        lines.append("")
+    lines += [
+        (
+            "| lens | method | wall time [s] | time to 10,000 samples [s] | converged | "
+            "abs. error theta_E [arcsec] | mean reduced chi^2 | C2ST vs emcee |"
+        ),
+        "|---|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in report.records:
+        if r["status"] != "ok":
+            lines.append(f"| {r['lens']} | {r['method']} | skipped | | | | | |")
+            continue
+        lines.append(
+            f"| {r['lens']} | {r['method']} | {_fmt(r['wall_time_s'], '.1f')} | "
+            f"{_fmt(r['time_to_10k_samples_s'], '.1f')} | {_convergence(r)} | "
+            f"{_fmt(r.get('lens_theta_e_abs_error'), '.3f')} | "
+            f"{_fmt(r['chi2_red_samples'], '.2f')} | {_fmt(r.get('c2st_vs_emcee'), '.3f')} |"
+        )
+    lines += [
+        "",
+        "Per method (mean over lenses; coverage across lenses, mean over the 21 parameters):",
+        "",
+        (
+            "| method | lenses | median time to 10,000 samples [s] | mean abs. error theta_E "
+            "[arcsec] | mean reduced chi^2 | coverage 68% | coverage 95% | mean C2ST vs emcee |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, e in report.summary["per_method"].items():
+        cov = e.get("coverage", {}).get("mean_over_params", [None, None])
+        lines.append(
+            f"| {m} | {e['n_lenses']} | {_fmt(e['median_time_to_10k_samples_s'], '.1f')} | "
+            f"{_fmt(e['mean_lens_theta_e_abs_error'], '.3f')} | "
+            f"{_fmt(e['mean_chi2_red_samples'], '.2f')} | {_fmt(cov[0], '.2f')} | "
+            f"{_fmt(cov[1], '.2f')} | {_fmt(e['mean_c2st_vs_emcee'], '.3f')} |"
+        )
+    lines += [
+        "",
+        (
+            "Speed-ups (MCMC time to 10,000 samples / flow time for 10,000 samples, same run, "
+            "same machine):"
+        ),
+        "",
+        "| lens | flow | vs emcee | vs NUTS | vs lenstronomy |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for s in report.summary["speedups"]:
+        lines.append(f"| {s['lens']} | {s['flow']} | {_fmt(s.get('vs_emcee'), '.3g')} | "
+                     f"{_fmt(s.get('vs_nuts'), '.3g')} | {_fmt(s.get('vs_lenstronomy'), '.3g')} |")  # fmt: skip
+    lines += ["", "Issue 3's goals:", "", "| goal | target | measured | met | note |",
+              "|---|---|---:|---|---|"]  # fmt: skip
+    for g in report.summary["goals"]:
+        met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        lines.append(f"| {g['goal']} ({g['method']}) | {g['target']} | "
+                     f"{_fmt(g['measured'], '.3g')} | {met} | {g['note']} |")  # fmt: skip
+    for f in figures:
+        lines += ["", f"![{Path(f).stem}]({f})"]
+    return "\n".join(lines) + "\n"
+
+
+def replace_docs_block(path: str | Path, block: str) -> Path:
+    """Put ``block`` between the bench markers of a Markdown file (appended if absent).
+
+    Args:
+        path: The Markdown file (created if missing).
+        block: The generated text.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: If only one marker is present, or they are in the wrong order.
+    """
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    i, j = text.find(DOCS_START), text.find(DOCS_END)
+    if (i < 0) != (j < 0) or (i >= 0 and j < i):
+        raise ValueError(f"{path}: broken {DOCS_START} / {DOCS_END} markers")
+    new = f"{DOCS_START}\n{block.rstrip()}\n{DOCS_END}"
+    if i < 0:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + new + "\n"
+    else:
+        text = text[:i] + new + text[j + len(DOCS_END) :]
+    path.write_text(text)
+    return path
+
+
+def write_figures(
+    report: BenchReport, folder: str | Path, *, prefix: str = "bench_"
+) -> list[Path]:
+    """Coverage plots per method and a flow-vs-emcee corner plot of the first lens.
+
+    Args:
+        report: The report.
+        folder: Output folder (created).
+        prefix: File-name prefix.
+
+    Returns:
+        The PNG files written.
+    """
+    from lensflow.fit import CORNER_PARAMS
+    from lensflow.params import NAMES
+    from lensflow.plots import corner_plot, coverage_plot
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for m, e in report.summary["per_method"].items():
+        lenses = [r["lens"] for r in report.records
+                  if r["method"] == m and r["status"] == "ok" and r["lens"] in report.truths]  # fmt: skip
+        if len(lenses) < 2 or "coverage" not in e:
+            continue
+        n = min(report.config.n_coverage_samples,
+                *(report.samples[(lens, m)].theta.shape[0] for lens in lenses))  # fmt: skip
+        stacked = torch.stack([_subset(report.samples[(lens, m)].theta.double().cpu(), n)
+                               for lens in lenses], 1)  # fmt: skip
+        truth = torch.stack([report.truths[lens] for lens in lenses])
+        path = folder / f"{prefix}coverage_{m.replace('+', '_')}.png"
+        out.append(coverage_plot(stacked, truth, path,
+                                 title=f"{m}: coverage over {len(lenses)} lenses"))  # fmt: skip
+    first = report.records[0]["lens"] if report.records else None
+    posts = [(m, report.samples[(first, m)]) for m in METHODS if (first, m) in report.samples]
+    if posts:
+        truth = report.truths.get(first)
+        idx = [NAMES.index(p) for p in CORNER_PARAMS]
+        path = folder / f"{prefix}corner_{first}.png"
+        corner_plot([p for _, p in posts], [path], labels=[m for m, _ in posts],
+                    params=CORNER_PARAMS, title=f"{first}: flow vs MCMC",
+                    truths=None if truth is None else [float(truth[i]) for i in idx])  # fmt: skip
+        out.append(path)
+    return out

@@ -1,0 +1,179 @@
+"""The flow-vs-MCMC benchmark harness (lensflow.baselines.bench, ``lensflow bench``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("emcee")
+pytest.importorskip("sklearn")
+
+from lensflow import cli
+from lensflow.baselines import bench
+from lensflow.params import NAMES
+
+#: Tiny sizes: one lens, 256 flow samples, a 10-step chain (far below 50 tau).
+TINY = bench.BenchConfig(
+    name="tiny", n_lenses=1, methods=("flow", "flow+feedback", "emcee"), n_flow_samples=256,
+    n_opt_starts=2, n_opt_steps=3, n_polish=1, n_polish_steps=3, emcee_walkers=42,
+    emcee_burn=2, emcee_steps=10, c2st_samples=128, c2st_max_iter=30, n_chi2_samples=4,
+    n_coverage_samples=128,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """``lensflow bench`` end to end on the tiny config, with --docs into a scratch file."""
+    tmp = tmp_path_factory.mktemp("bench")
+    docs = tmp / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text(f"# Benchmarks\n\nkept above\n\n{bench.DOCS_START}\nold\n{bench.DOCS_END}\n"
+                    "\nkept below\n")  # fmt: skip
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning at 30 epochs
+        mp.setitem(bench.BENCH_CONFIGS, "small", TINY)
+        status = cli.main(["bench", "--config", "small", "--out", str(tmp / "out"),
+                           "--docs", str(docs), "--quiet"])  # fmt: skip
+    torch.set_num_threads(threads)
+    assert status == 0
+    tree = json.loads((tmp / "out" / "bench-tiny.json").read_text())
+    return tmp, docs, tree
+
+
+def _record(tree, method):
+    return next(r for r in tree["records"] if r["method"] == method)
+
+
+def test_bench_flow_record_has_every_field_with_finite_numbers(bench_run):
+    _, _, tree = bench_run
+    r = _record(tree, "flow")
+    assert r["status"] == "ok" and r["lens"] == "demo_00" and r["n_samples"] == 256
+    for key in ("wall_time_s", "time_to_10k_samples_s", "chi2_red_samples", "chi2_red_median",
+                "lens_theta_e_abs_error", "c2st_vs_emcee"):  # fmt: skip
+        assert math.isfinite(r[key]), key
+    assert set(r["abs_error"]) == set(NAMES) and set(r["median"]) == set(NAMES)
+    assert all(math.isfinite(v) and v >= 0 for v in r["abs_error"].values())
+    # The error is |median - truth| of the demo truth table (lens_theta_e of demo_00).
+    truth = bench.load_demo_lenses(1)[0].truth
+    assert r["abs_error"]["lens_theta_e"] == pytest.approx(
+        abs(r["median"]["lens_theta_e"] - float(truth[0])), abs=1e-12
+    )
+    # 256 samples -> 10,000: the time is scaled linearly.
+    assert r["time_to_10k_samples_s"] == pytest.approx(r["wall_time_s"] * 10_000 / 256)
+    assert 0.0 <= r["c2st_vs_emcee"] <= 1.0
+    assert r["chi2_red_samples"] > 0.5  # noise-dominated residuals cannot fit below ~1
+
+
+def test_bench_short_chain_is_marked_not_converged(bench_run):
+    _, _, tree = bench_run
+    r = _record(tree, "emcee")
+    assert r["status"] == "ok"
+    assert r["converged"] is False
+    assert (r["n_walkers"], r["n_burn"], r["n_steps"]) == (42, 2, 10)
+    for key in ("wall_time_s", "init_time_s", "time_per_step_s", "chi2_red_samples",
+                "start_log_posterior", "truth_log_posterior", "acceptance_fraction"):  # fmt: skip
+        assert math.isfinite(r[key]), key
+    assert r["wall_time_s"] >= r["init_time_s"] + 12 * r["time_per_step_s"] * 0.99
+    assert "broad starts" in r["start"]
+    assert set(r["tau"]) == set(NAMES)
+
+
+def test_bench_feedback_is_run_or_skipped_with_a_note(bench_run):
+    _, _, tree = bench_run
+    r = _record(tree, "flow+feedback")
+    if r["status"] == "skipped":
+        assert "no control net" in r["note"]
+        assert any("flow+feedback skipped" in n for n in tree["notes"])
+    else:
+        assert r["status"] == "ok" and math.isfinite(r["chi2_red_samples"])
+
+
+def test_bench_json_summary_and_hardware(bench_run):
+    tmp, _, tree = bench_run
+    # Strict JSON: no NaN tokens anywhere.
+    json.dumps(tree, allow_nan=False)
+    assert tree["hardware"]["cpu_cores"] >= 1 and tree["hardware"]["torch_threads"] == 1
+    assert tree["config"]["name"] == "tiny"
+    assert tree["command"].startswith("lensflow bench --config small --methods flow,")
+    flow = tree["summary"]["per_method"]["flow"]
+    cov = flow["coverage"]
+    assert cov["levels"] == [0.68, 0.95] and cov["n_lenses"] == 1
+    assert all(v in (0.0, 1.0) for pair in cov["per_param"].values() for v in pair)
+    goals = {g["goal"].split(" ")[0] for g in tree["summary"]["goals"]}
+    assert {"speed-up", "mean", "C2ST", "coverage"} <= goals
+    speed = tree["summary"]["speedups"][0]
+    assert speed["lens"] == "demo_00" and speed["flow"] == "flow"
+    assert (tmp / "out" / "figures" / "bench_corner_demo_00.png").stat().st_size > 1000
+
+
+def test_bench_markdown_table_and_docs_block(bench_run):
+    tmp, docs, _ = bench_run
+    md = (tmp / "out" / "bench-tiny.md").read_text()
+    assert "| lens | method | wall time [s] |" in md
+    assert "| demo_00 | flow |" in md and "| demo_00 | emcee |" in md
+    assert "**no**: 10 steps < 50 tau" in md
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nkept above\n") and text.endswith("\nkept below\n")
+    assert "\nold\n" not in text and text.count(bench.DOCS_START) == 1
+    assert "| demo_00 | emcee |" in text
+    assert "figures/bench_corner_demo_00.png" in text
+    assert (docs.parent / "figures" / "bench_corner_demo_00.png").is_file()
+    assert (docs.parent / "bench-tiny.json").is_file()
+
+
+def test_parse_methods_orders_and_rejects():
+    assert bench.parse_methods("emcee, flow,flow") == ("flow", "emcee")
+    with pytest.raises(ValueError, match="unknown method.*'hmc'.*choose from flow"):
+        bench.parse_methods("flow,hmc")
+    with pytest.raises(ValueError, match="empty"):
+        bench.parse_methods(" , ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "flow,mcmc"], "unknown method(s) 'mcmc'"),
+        (["--methods", ""], "--methods is empty"),
+        (["--n-lenses", "13"], "--n-lenses must be 1 to 12"),
+    ],
+)
+def test_bench_cli_errors_are_one_line(argv, message, tmp_path, capsys):
+    status = cli.main(["bench", *argv, "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("lensflow: error: ") and message in err and "\n" not in err
+
+
+def test_replace_docs_block_appends_and_rejects_broken_markers(tmp_path):
+    path = tmp_path / "a.md"
+    path.write_text("# Title\n")
+    bench.replace_docs_block(path, "first")
+    bench.replace_docs_block(path, "second")
+    text = path.read_text()
+    assert text == f"# Title\n\n{bench.DOCS_START}\nsecond\n{bench.DOCS_END}\n"
+    path.write_text(f"{bench.DOCS_END}\n{bench.DOCS_START}\n")
+    with pytest.raises(ValueError, match="broken"):
+        bench.replace_docs_block(path, "x")
+
+
+def test_emcee_times_follow_the_50_tau_and_10k_rules():
+    # 64 walkers: 10,000 / 64 = 156.25 tau > 50 tau; opt 3 s, 0.1 s/step, 100 burn-in, tau 20.
+    t = bench._emcee_times(3.0, 0.1, 100, 64, 20.0)
+    assert t["time_to_50tau_s"] == pytest.approx(3.0 + 0.1 * (100 + 50 * 20))
+    assert t["time_to_10k_samples_s"] == pytest.approx(3.0 + 0.1 * (100 + 156.25 * 20))
+    # 1000 walkers: the 50-tau floor binds.
+    t = bench._emcee_times(0.0, 1.0, 0, 1000, 10.0)
+    assert t["time_to_10k_samples_s"] == pytest.approx(500.0)
+
+
+def test_bench_config_full_reaches_50_tau_of_issue_3():
+    full = bench.BENCH_CONFIGS["full"]
+    assert full.n_lenses == 12 and full.methods == bench.METHODS
+    assert full.emcee_steps >= 50 * 530  # issue 3: tau ~ 530 steps on the H100 reference
+    assert dataclasses.replace(full, n_lenses=1).n_lenses == 1
