@@ -103,9 +103,8 @@ def run_one(
         fov = sim_cfg.n_pix * sim_cfg.pixel_scale_arcsec
         padded = min(obs.fov_arcsec) < fov - 1e-6
         cut = cut_to_fov(obs, sim_cfg, use_padding=padded)
-    g = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    post = sample_posterior(cut, model, args.n, generator=g)
+    post = sample_posterior(cut, model, args.n, seed=args.seed)  # base flow, no feedback
     seconds = time.perf_counter() - start
     theta = post.theta.double()
     finite = torch.isfinite(theta).all(-1)
