@@ -232,7 +232,10 @@ def model_path(model: str | Path) -> Path:
 
 def _shipped() -> list[str]:
     folder = Path(str(resources.files("lensflow") / "models"))
-    return [p.stem for p in folder.glob("*.json")] if folder.is_dir() else []
+    controls = tuple(f"-{kind}" for kind in SIGNAL_KINDS)  # control nets beside the models
+    if not folder.is_dir():
+        return []
+    return [p.stem for p in folder.glob("*.json") if not p.stem.endswith(controls)]
 
 
 def load_model(
