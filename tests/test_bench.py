@@ -177,3 +177,27 @@ def test_bench_config_full_reaches_50_tau_of_issue_3():
     assert full.n_lenses == 12 and full.methods == bench.METHODS
     assert full.emcee_steps >= 50 * 530  # issue 3: tau ~ 530 steps on the H100 reference
     assert dataclasses.replace(full, n_lenses=1).n_lenses == 1
+
+
+def test_load_real_lenses_skips_cleanly_when_absent(tmp_path):
+    lenses, notes = bench.load_real_lenses(tmp_path / "nowhere")
+    assert lenses == [] and notes == [
+        f"real lenses skipped: {tmp_path / 'nowhere'} is not a folder"
+    ]
+    (tmp_path / "EuclidQ1_x").mkdir()  # a system folder without an image
+    lenses, notes = bench.load_real_lenses(tmp_path)
+    assert lenses == [] and notes == ["EuclidQ1_x: no image FITS, skipped"]
+
+
+def test_walker_ball_at_the_prior_edge_is_inside_and_not_degenerate():
+    import numpy as np
+
+    from lensflow.prior import Prior
+
+    prior = Prior(dtype=torch.float64)
+    walkers = bench._walker_ball(prior.low, 64, seed=0)
+    assert torch.isfinite(prior.log_prob(walkers)).all()
+    # emcee refuses an initial ensemble whose covariance has a condition number above 1e8.
+    assert np.linalg.cond(np.cov(walkers.numpy().T)) < 1e8
+    spread = walkers.std(dim=0) / (prior.high - prior.low)
+    torch.testing.assert_close(spread, torch.full_like(spread, 6e-4), rtol=0.35, atol=0)

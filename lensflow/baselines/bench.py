@@ -320,8 +320,10 @@ def load_real_lenses(
     from lensflow.observation import load_observation
 
     root = Path(root) if root is not None else default_real_root()
-    if root is None or not root.is_dir():
+    if root is None:
         return [], ["real lenses skipped: no shared/data/real_lenses folder"]
+    if not root.is_dir():
+        return [], [f"real lenses skipped: {root} is not a folder"]
     sim_cfg = load_model(model).simulator
     fov = sim_cfg.n_pix * sim_cfg.pixel_scale_arcsec
     lenses, notes = [], []
@@ -491,14 +493,16 @@ def _run_mcmc(
         start["log_posterior"] = float(logp[0])
         start["truth_log_posterior"] = float(logp[1]) if len(pts) > 1 else None
     init, opt_s = start["theta"], start["time_s"]
-    where = f"optimize_posterior ({cfg.n_opt_starts} broad starts, not the truth or the flow)"
+    where = (f"optimize_posterior ({cfg.n_opt_starts} broad starts, not the truth or the flow)"
+             "; emcee walkers in a ball of 1e-3 prior widths around it")  # fmt: skip
     mode = {
         "start_log_posterior": start["log_posterior"],
         "truth_log_posterior": start["truth_log_posterior"],
     }
     if method == "emcee":
+        walkers = _walker_ball(init.cpu(), cfg.emcee_walkers, seed)
         r = run_emcee(sim, obs, n_walkers=cfg.emcee_walkers, n_steps=cfg.emcee_steps,
-                      n_burn=cfg.emcee_burn, init=init, use_progress=progress,
+                      n_burn=cfg.emcee_burn, init_walkers=walkers, use_progress=progress,
                       rng=np.random.default_rng(seed))  # fmt: skip
         d = r.diagnostics
         tau = float(d.tau.max())
@@ -525,6 +529,27 @@ def _run_mcmc(
                                                               / max(ess_min, 1e-9)),
     }  # fmt: skip
     return r.samples, rec
+
+
+def _walker_ball(start: Tensor, n: int, seed: int, scale: float = 1e-3) -> Tensor:
+    """``n`` walkers around ``start`` ``(D,)``: Gaussian, ``scale`` prior widths, kept inside.
+
+    Built in physical units rather than in ``u`` (``run_emcee``'s own ball): an optimizer
+    end point at the edge of the prior box maps a ``u`` ball to walkers that coincide in
+    that coordinate, and emcee refuses such a degenerate initial ensemble.
+    """
+    from lensflow.prior import Prior
+
+    prior = Prior(dtype=torch.float64)
+    low, high = prior.low, prior.high
+    span = high - low
+    g = torch.Generator().manual_seed(seed)
+    theta = start.double() + scale * span * torch.randn((n, span.shape[0]), generator=g,
+                                                        dtype=torch.float64)  # fmt: skip
+    # Reflect at the box edges, then keep a hair inside (the prior box is closed-open).
+    theta = torch.where(theta > high, 2 * high - theta, theta)
+    theta = torch.where(theta < low, 2 * low - theta, theta)
+    return torch.minimum(torch.maximum(theta, low + 1e-9 * span), high - 1e-9 * span)
 
 
 def _chain_record(d: Any, names: Sequence[str]) -> dict[str, Any]:  # noqa: ANN401
@@ -640,8 +665,14 @@ def run_bench(
                     time_to_10k_samples_s=t * N_REFERENCE_SAMPLES / cfg.n_flow_samples,
                 )  # fmt: skip
             else:
-                post, extra = _run_mcmc(method, lens, cfg, lens_cfg, dev, seed + k, start,
-                                        progress)  # fmt: skip
+                try:
+                    post, extra = _run_mcmc(method, lens, cfg, lens_cfg, dev, seed + k, start,
+                                            progress)  # fmt: skip
+                except (ValueError, RuntimeError) as err:  # one failure must not end the run
+                    rec.update(status="failed", note=f"{type(err).__name__}: {err}")
+                    records.append(rec)
+                    bar.update()
+                    continue
                 rec.update(status="ok", **extra)
             rec.update(_accuracy(post, lens, trained, cfg))
             samples[(lens.name, method)] = post
@@ -894,7 +925,7 @@ def markdown_report(report: BenchReport, *, command: str = "", figures: Sequence
     ]
     for r in report.records:
         if r["status"] != "ok":
-            lines.append(f"| {r['lens']} | {r['method']} | skipped | | | | | |")
+            lines.append(f"| {r['lens']} | {r['method']} | {r['status']}: {r['note']} | | | | | |")
             continue
         lines.append(
             f"| {r['lens']} | {r['method']} | {_fmt(r['wall_time_s'], '.1f')} | "
