@@ -865,11 +865,10 @@ def finetune_lens(
     Every batch is fresh from ``data.SimulatedPairs(model.simulator, model.data)``: PSF FWHM
     on the model's grid, background RMS and exposure time log-uniform over its ranges, fresh
     noise. The signal's cost is built the way ``lens_cost`` builds it from an observation at
-    sampling time: a ``LensSimulator`` per grid FWHM given the Gaussian PSF as a *pixel
-    kernel* (``simulator.gaussian_psf`` at the native scale, as an ``Observation`` carries
-    it), row ``key`` = the PSF grid index, each image's own noise map. The images themselves
-    come from the supersampled Gaussian, so the control learns with the same small
-    PSF-representation mismatch it meets on data.
+    sampling time: a ``LensSimulator`` per grid FWHM given the PSF as a native *pixel
+    kernel*, the pixel-integrated one of the generator's supersampled Gaussian
+    (``simulator.pool_psf``), as an ``Observation`` carries it; row ``key`` = the PSF grid
+    index; each image's own noise map.
 
     Args:
         model: The trained base posterior (``checkpoint.load_model``); not modified.
@@ -885,16 +884,16 @@ def finetune_lens(
         training simulators, so use ``checkpoint.load_control`` to sample observations.
     """
     from lensflow.data import SimulatedPairs
-    from lensflow.simulator import LensSimulator, gaussian_psf
+    from lensflow.simulator import LensSimulator, gaussian_psf, pool_psf
 
     base = copy.deepcopy(model.posterior).to(device)
     source = SimulatedPairs(model.simulator, model.data, device=device)
     transform = base.transform
     grid = torch.tensor(source.psf_grid_arcsec, device=device)
-    scale = model.simulator.pixel_scale_arcsec
+    up, scale = model.simulator.upsample_factor, model.simulator.pixel_scale_arcsec
     sims = [
         LensSimulator(dataclasses.replace(model.simulator, psf_fwhm_arcsec=f),
-                      psf_kernel=gaussian_psf(f, scale), device=device)
+                      psf_kernel=pool_psf(gaussian_psf(f, scale / up), up), device=device)
         for f in source.psf_grid_arcsec
     ]  # fmt: skip
     cost = GaussianCost(sims, transform)

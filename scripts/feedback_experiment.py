@@ -103,7 +103,7 @@ def evaluate(args: argparse.Namespace) -> None:
     from lensflow.feedback import lens_cost
     from lensflow.observation import Observation
     from lensflow.sampling import sample_posteriors
-    from lensflow.simulator import gaussian_psf
+    from lensflow.simulator import gaussian_psf, pool_psf
 
     model = load_model(args.model)
     posterior = model.posterior.eval()
@@ -111,7 +111,12 @@ def evaluate(args: argparse.Namespace) -> None:
     source = SimulatedPairs(model.simulator, model.data)
     test = source.sample(args.n_lenses, generator=torch.Generator().manual_seed(args.seed))
     scale = model.simulator.pixel_scale_arcsec
-    psfs = {f: gaussian_psf(f, scale, dtype=torch.float32) for f in source.psf_grid_arcsec}
+    up = model.simulator.upsample_factor
+    psfs = {  # the observation's native PSF kernel: point-sampled or pixel-integrated Gaussian
+        f: (gaussian_psf(f, scale) if args.psf_kernel == "point"
+            else pool_psf(gaussian_psf(f, scale / up), up)).float()
+        for f in source.psf_grid_arcsec
+    }  # fmt: skip
     observations = [
         Observation(test.image[i], test.sigma[i], psfs[min(psfs, key=lambda f, i=i: abs(
             f - float(test.psf_fwhm_arcsec[i])))], scale,
@@ -214,6 +219,13 @@ def main() -> None:
         help="--evaluate: 'none' and NAME=CONTROL_JSON entries",
     )
     p.add_argument("--lens-chunk", type=int, default=20, help="--evaluate: lenses per solve")
+    p.add_argument(
+        "--psf-kernel",
+        choices=["point", "pooled"],
+        default="point",
+        help="--evaluate: observation PSF kernel, the Gaussian point-sampled at the "
+        "pixel scale or pixel-integrated from the generator's fine Gaussian",
+    )
     p.add_argument("--model", default="euclid")
     p.add_argument("--fwhm", type=float, default=0.20, help="the single PSF FWHM, arcsec")
     p.add_argument("--n-train", type=int, default=2048, help="finetuning pool size")
