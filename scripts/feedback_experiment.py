@@ -148,8 +148,12 @@ def evaluate(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         theta = torch.stack([s.theta for s in samples], dim=1)  # (M, N, D)
         u = transform.to_u(theta)
-        calls = 0 if name == "none" else signal_calls_per_sample(n_steps, solver,
-                                                                 feedback.t_start)  # fmt: skip
+        calls = (
+            0
+            if name == "none" or feedback.kind == "zero"
+            # zeros: no simulator
+            else (signal_calls_per_sample(n_steps, solver, feedback.t_start))
+        )
         r = score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, args.chunk)
         u_err = (u.mean(0) - transform.to_u(truth)).abs().median(0).values  # (D,)
         chi2_exact = torch.nan_to_num(sample_chi2(exact, u, obs_exact, args.chunk),
