@@ -104,7 +104,7 @@ def run_one(
         padded = min(obs.fov_arcsec) < fov - 1e-6
         cut = cut_to_fov(obs, sim_cfg, use_padding=padded)
     start = time.perf_counter()
-    post = sample_posterior(cut, model, args.n, seed=args.seed)  # base flow, no feedback
+    post = sample_posterior(cut, model, args.n, feedback="none", seed=args.seed)  # base flow
     seconds = time.perf_counter() - start
     theta = post.theta.double()
     finite = torch.isfinite(theta).all(-1)
