@@ -171,7 +171,8 @@ MODE_MARGIN = 10.0
 
 
 def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
-                 n_burn: int | None = None, n_steps: int | None = None) -> FitResult:  # fmt: skip
+                 n_burn: int | None = None, n_steps: int | None = None,
+                 n_opt_steps: int = 200) -> FitResult:  # fmt: skip
     """Re-run a lens with emcee on the same likelihood, started from its flow posterior.
 
     The likelihood is the feedback's: the lensflow simulator on the cut observation's grid
@@ -187,6 +188,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         seed: Seed of emcee's moves.
         n_burn: Burn-in steps (default ``FALLBACK_EMCEE``).
         n_steps: Kept steps per walker (default ``FALLBACK_EMCEE``).
+        n_opt_steps: Adam steps, and L-BFGS iterations per polished point, of the mode
+            check's optimizer.
 
     Returns:
         The fit with emcee's samples (``method="emcee"``), fresh diagnostics and
@@ -224,8 +227,9 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     # flow start by more than MODE_MARGIN nats, the walkers start around it instead.
     g = torch.Generator().manual_seed(seed)
     best = optimize_posterior(
-        sim, obs, prior=prior, generator=g, extra_starts=start[torch.linspace(0, k - 1, 8).long()]
-    )
+        sim, obs, prior=prior, generator=g, n_steps=n_opt_steps, n_polish_steps=n_opt_steps,
+        extra_starts=start[torch.linspace(0, k - 1, 8).long()],
+    )  # fmt: skip
     with torch.no_grad():  # fmt: skip
         logp_flow = float(log_posterior(start, sim, obs, prior).max())
         logp_best = float(log_posterior(best[None], sim, obs, prior)[0])

@@ -270,7 +270,7 @@ def test_fallback_mcmc_improves_a_flagged_fit():
     diag, image_m, source = diagnose(obs, samples, model)
     assert not diag.reliable
     flagged = FitResult("fb", samples, obs, image_m, source, diag, "euclid", "none", 0, {}, {})
-    fixed = run_fallback(flagged, model, seed=1, n_burn=40, n_steps=20)
+    fixed = run_fallback(flagged, model, seed=1, n_burn=40, n_steps=20, n_opt_steps=30)
     assert fixed.samples.method == "emcee" and fixed.samples.theta.shape == (128, len(NAMES))
     assert fixed.fallback["n_walkers"] == 64 and fixed.fallback["n_steps"] == 20
     assert fixed.fallback["flow_diagnostics"]["reliable"] is False
