@@ -110,6 +110,10 @@ def test_bench_json_summary_and_hardware(bench_run):
     speed = tree["summary"]["speedups"][0]
     assert speed["lens"] == "demo_00" and speed["flow"] == "flow"
     assert (tmp / "out" / "figures" / "bench_corner_demo_00.png").stat().st_size > 1000
+    # Read back: the same table from the JSON alone.
+    again = bench.load_report(tmp / "out" / "bench-tiny.json")
+    md = bench.markdown_report(again, command=tree["command"])
+    assert "| demo_00 | emcee |" in md and again.summary["goals"] == tree["summary"]["goals"]
 
 
 def test_bench_markdown_table_and_docs_block(bench_run):
