@@ -5,9 +5,16 @@ resumed or split across processes: finished rows are skipped). ``--table`` rende
 files as the markdown table of docs/sbi-benchmark.md instead of running anything (runs of
 one training split over observations are joined).
 
+With ``--feedback gradient learned zero`` (Lotka-Volterra and SIR only) each task and budget
+trains the base flow once, finetunes one control net per signal on the same simulations and
+scores the base flow (method ``flow``) and every ``flow+<signal>`` with the feedback sampler
+(``--fb-solver``, ``--fb-steps``, control for ``t > --t-start``).
+
 Example:
     python scripts/sbi_bench.py --tasks two_moons slcp --budgets 1000 10000 \
         --out results/sbi.jsonl
+    python scripts/sbi_bench.py --tasks sir --budgets 1000 --feedback gradient learned zero \
+        --out results/sbi_feedback.jsonl
     python scripts/sbi_bench.py --table results/sbi.jsonl more.jsonl
 """
 
@@ -24,7 +31,9 @@ from pathlib import Path
 import torch
 
 from lensflow import __version__
-from lensflow.sbi import BenchConfig, get_task, run_benchmark
+from lensflow.feedback import FinetuneConfig
+from lensflow.sbi import BenchConfig, BenchResult, get_task, run_benchmark
+from lensflow.sbi.control import run_feedback_benchmark
 
 #: Published NPE (NSF) C2ST at 10^5 simulations, read from the sbibm paper's figure
 #: (Lueckmann et al. 2021); approximate, and not lensflow's numbers.
@@ -40,18 +49,23 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _done(path: Path) -> set[tuple[str, int, str]]:
+def _sampler(row: dict) -> str:
+    """The row's sampler (rows written before the field existed: the base config's)."""
+    return row.get("sampler") or f"{row['config']['solver']} {row['config']['n_steps']}"
+
+
+def _done(path: Path) -> set[tuple[str, int, str, str]]:
     if not path.exists():
         return set()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["task"], r["n_simulations"], r["method"]) for r in rows}
+    return {(r["task"], r["n_simulations"], r["method"], _sampler(r)) for r in rows}
 
 
 def merge_rows(paths: list[Path]) -> list[dict]:
     """Rows of several JSON-lines files; runs split by observation are joined.
 
-    Rows with the same task, budget, method, seed and epoch count come from the same
-    (deterministic) training run scored on different observations: their C2ST lists are
+    Rows with the same task, budget, method, sampler, seed and epoch count come from the
+    same (deterministic) training run scored on different observations: their C2ST lists are
     concatenated and their scoring times added.
     """
     merged: dict[tuple, dict] = {}
@@ -60,7 +74,8 @@ def merge_rows(paths: list[Path]) -> list[dict]:
             if not line.strip():
                 continue
             r = json.loads(line)
-            key = (r["task"], r["n_simulations"], r["method"], r["seed"], r["n_epochs"])
+            key = (r["task"], r["n_simulations"], r["method"], _sampler(r), r["seed"],
+                   r["n_epochs"])  # fmt: skip
             if key not in merged:
                 merged[key] = r
                 continue
@@ -70,6 +85,9 @@ def merge_rows(paths: list[Path]) -> list[dict]:
             m["num_observations"] = [k for k, _ in pairs]
             m["c2st"] = [c for _, c in pairs]
             m["score_s"] += r["score_s"]
+            for field in ("sample_s", "c2st_s"):
+                if field in m and field in r:
+                    m[field] += r[field]
     return list(merged.values())
 
 
@@ -78,13 +96,15 @@ def render_table(paths: list[Path]) -> str:
     rows = merge_rows(paths)
     lines = [
         (
-            "| task | simulations | method | C2ST mean ± std | min–max | observations | "
-            "epochs | train (s) | sample+C2ST (s) | published NPE at 10^5 |"
+            "| task | simulations | method | sampler | C2ST mean ± std | min–max | observations | "
+            "epochs / steps | train (s) | sample+C2ST (s) | simulator calls per sample | "
+            "published NPE at 10^5 |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(
-        rows, key=lambda r: (r["task"], r["n_simulations"], r["method"], -len(r["c2st"]))
+        rows,
+        key=lambda r: (r["task"], r["n_simulations"], _sampler(r), r["method"], -len(r["c2st"])),
     ):
         c = torch.tensor(r["c2st"])
         std = c.std().item() if len(c) > 1 else float("nan")
@@ -92,9 +112,10 @@ def render_table(paths: list[Path]) -> str:
         obs_txt = f"{obs[0]}–{obs[-1]}" if obs == list(range(obs[0], obs[-1] + 1)) else str(obs)
         published = PUBLISHED_NPE_1E5.get(r["task"], float("nan"))
         lines.append(
-            f"| {r['task']} | {r['n_simulations']:.0e} | {r['method']} | "
+            f"| {r['task']} | {r['n_simulations']:.0e} | {r['method']} | {_sampler(r)} | "
             f"{c.mean():.3f} ± {std:.3f} | {c.min():.3f}–{c.max():.3f} | {obs_txt} | "
-            f"{r['n_epochs']} | {r['train_s']:.0f} | {r['score_s']:.0f} | {published:.2f} (published) |"
+            f"{r['n_epochs']} | {r['train_s']:.0f} | {r['score_s']:.0f} | "
+            f"{r.get('sim_calls_per_sample', 0)} | {published:.2f} (published) |"
         )
     return "\n".join(lines)
 
@@ -111,6 +132,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-train-s", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("results/sbi.jsonl"))
+    parser.add_argument("--feedback", nargs="+", choices=["gradient", "learned", "zero"],
+                        help="finetune and score these control signals (and the base flow "
+                        "with the same sampler); lotka_volterra and sir only")  # fmt: skip
+    parser.add_argument("--finetune-steps", type=int, default=600)
+    parser.add_argument("--finetune-batch", type=int, default=128)
+    parser.add_argument("--fb-solver", default="euler")
+    parser.add_argument("--fb-steps", type=int, default=40, help="solver steps over [0, 1]")
+    parser.add_argument("--t-start", type=float, default=0.8)
+    parser.add_argument("--n-sub", type=int, default=2,
+                        help="RK4 steps per save interval of the feedback cost's ODE solve")  # fmt: skip
     parser.add_argument("--table", type=Path, nargs="+", help="render these JSON-lines files")
     args = parser.parse_args()
     if args.table:
@@ -122,31 +153,64 @@ def main() -> None:
     done = _done(args.out)
     cfg = BenchConfig(max_train_s=args.max_train_s)
     obs = tuple(args.observations)
+    fcfg = FinetuneConfig(
+        n_steps=args.finetune_steps, batch_size=args.finetune_batch, t_start=args.t_start,
+        n_steps_sample=args.fb_steps, solver=args.fb_solver,
+    )  # fmt: skip
+    started = time.perf_counter()
+
+    def write(result: BenchResult) -> None:
+        row = {
+            "task": result.task, "n_simulations": result.n_simulations,
+            "method": result.method, "sampler": result.sampler, "c2st": result.c2st.tolist(),
+            "num_observations": list(obs), "train_s": result.train_s,
+            "score_s": result.score_s, "sample_s": result.sample_s, "c2st_s": result.c2st_s,
+            "sim_calls_per_sample": result.sim_calls_per_sample,
+            "finetune_sim_calls": result.finetune_sim_calls,
+            "total_s": time.perf_counter() - started, "n_epochs": result.n_epochs,
+            "seed": args.seed, "threads": args.threads, "config": vars(cfg) | {},
+            "lensflow": __version__, "git": _git_sha(), "host": platform.processor()
+            or platform.machine(), "cpus": os.cpu_count(),
+        }  # fmt: skip
+        if args.feedback:
+            row["finetune_config"] = vars(fcfg) | {"n_sub": args.n_sub}
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{result.task} {result.n_simulations} {result.method}: c2st "
+              f"{result.c2st.mean():.3f} ± {result.c2st.std() if len(result.c2st) > 1 else 0:.3f} "
+              f"({row['total_s']:.0f} s since start)", flush=True)  # fmt: skip
+
     # Budget-major, so that every task gets its small budget before any large one.
     for budget in args.budgets:
         for name in args.tasks:
-            if (name, budget, "flow") in done:
+            if args.feedback:
+                methods = ("flow", *args.feedback)
+                sampler = f"{args.fb_solver} {args.fb_steps}"
+                todo = tuple(
+                    m for m in methods
+                    if (name, budget, m if m == "flow" else f"flow+{m}",
+                        sampler if m == "flow"
+                        else f"{sampler}, control t > {args.t_start:g}") not in done
+                )  # fmt: skip
+                if not todo:
+                    print(f"skip {name} {budget} feedback (done)", flush=True)
+                    continue
+                started = time.perf_counter()
+                run_feedback_benchmark(
+                    get_task(name), budget, todo, cfg, fcfg, seed=args.seed, n_sub=args.n_sub,
+                    num_observations=obs, on_result=write,
+                    log=lambda line, n=name, b=budget: print(f"{n} {b}: {line}", flush=True),
+                )  # fmt: skip
+                continue
+            if (name, budget, "flow", f"{cfg.solver} {cfg.n_steps}") in done:
                 print(f"skip {name} {budget} flow (done)", flush=True)
                 continue
-            start = time.perf_counter()
+            started = time.perf_counter()
             # Network initialization draws from the global generator: reseed per run, so
             # that a row does not depend on which runs came before it in this process.
             torch.manual_seed(args.seed)
-            result = run_benchmark(get_task(name), budget, cfg, seed=args.seed,
-                                   num_observations=obs)  # fmt: skip
-            row = {
-                "task": result.task, "n_simulations": budget, "method": result.method,
-                "c2st": result.c2st.tolist(), "num_observations": list(obs),
-                "train_s": result.train_s, "score_s": result.score_s,
-                "total_s": time.perf_counter() - start, "n_epochs": result.n_epochs,
-                "seed": args.seed, "threads": args.threads, "config": vars(cfg) | {},
-                "lensflow": __version__, "git": _git_sha(), "host": platform.processor()
-                or platform.machine(), "cpus": os.cpu_count(),
-            }  # fmt: skip
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"{name} {budget}: c2st {result.c2st.mean():.3f} ± {result.c2st.std():.3f} "
-                  f"({row['total_s']:.0f} s)", flush=True)  # fmt: skip
+            write(run_benchmark(get_task(name), budget, cfg, seed=args.seed,
+                                num_observations=obs))  # fmt: skip
 
 
 if __name__ == "__main__":

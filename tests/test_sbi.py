@@ -171,18 +171,73 @@ def test_feedback_cost_is_small_at_the_truth(name):
     assert at_truth.median() < 3 and shifted.median() > at_truth.median()
 
 
-@pytest.mark.slow
-def test_feedback_benchmark_smoke():
-    # About a minute on a loaded 2-core CPU, most of it in C2ST of three poor posteriors.
+@pytest.mark.filterwarnings("ignore:Stochastic Optimizer:UserWarning")  # capped C2ST epochs
+def test_feedback_benchmark_smoke(one_thread):
+    # A few seconds: tiny networks, few samples, a capped C2ST classifier.
     pytest.importorskip("sklearn")
     from lensflow.feedback import FinetuneConfig
     from lensflow.sbi.control import run_feedback_benchmark
 
     cfg = BenchConfig(width=32, n_blocks=1, embed_dim=16, encoder_width=32, max_epochs=3,
-                      n_samples=200, n_steps=8)  # fmt: skip
+                      n_samples=200, n_steps=8, c2st_max_iter=50)  # fmt: skip
     fcfg = FinetuneConfig(n_steps=3, batch_size=32, width=16, n_blocks=1, n_steps_sample=10,
                           solver="euler")  # fmt: skip
-    results = run_feedback_benchmark(get_task("sir"), 200, ("gradient", "learned", "zero"),
-                                     cfg, fcfg, n_sub=1, num_observations=(1,))  # fmt: skip
-    assert [r.method for r in results] == ["flow+gradient", "flow+learned", "flow+zero"]
+    seen = []
+    results = run_feedback_benchmark(get_task("sir"), 200, ("flow", "gradient", "learned", "zero"),
+                                     cfg, fcfg, n_sub=1, num_observations=(1,),
+                                     on_result=seen.append)  # fmt: skip
+    assert seen == results
+    assert [r.method for r in results] == ["flow", "flow+gradient", "flow+learned", "flow+zero"]
     assert all(0.4 <= r.c2st.item() <= 1.0 for r in results)
+    # 10 Euler steps with control for t > 0.8: 2 controlled steps, one ODE solve each.
+    assert [r.sim_calls_per_sample for r in results] == [0, 2, 2, 0]
+    assert [r.finetune_sim_calls for r in results] == [0, 3 * 32, 3 * 32, 0]
+    assert results[0].sampler == "euler 10"
+    assert results[1].sampler == "euler 10, control t > 0.8"
+    # A fresh control net is zero-initialized and the zero signal carries no information:
+    # three finetuning steps move it little, so it samples almost like the base flow.
+    assert abs(results[3].c2st.item() - results[0].c2st.item()) < 0.2
+
+
+def test_feedback_benchmark_rejects_unknown_method():
+    from lensflow.feedback import FinetuneConfig
+    from lensflow.sbi.control import run_feedback_benchmark
+
+    with pytest.raises(ValueError, match="unknown feedback methods"):
+        run_feedback_benchmark(get_task("sir"), 10, ("oracle",), BenchConfig(), FinetuneConfig())
+
+
+def _bench_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sbi_bench.py"
+    spec = importlib.util.spec_from_file_location("sbi_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_joins_observation_splits_per_sampler(tmp_path):
+    import json
+
+    base = {"task": "sir", "n_simulations": 1000, "seed": 0, "n_epochs": 7, "train_s": 1.0,
+            "config": {"solver": "midpoint", "n_steps": 32}}  # fmt: skip
+    rows = [
+        base | {"method": "flow", "c2st": [0.8], "num_observations": [1], "score_s": 2.0},
+        base | {"method": "flow", "c2st": [0.6], "num_observations": [2], "score_s": 3.0},
+        # The same network scored with the feedback sampler is a separate row.
+        base | {"method": "flow", "sampler": "euler 40", "c2st": [0.7],
+                "num_observations": [1], "score_s": 1.0},
+        base | {"method": "flow+gradient", "sampler": "euler 40, control t > 0.8",
+                "c2st": [0.55, 0.65], "num_observations": [1, 2], "score_s": 4.0,
+                "sim_calls_per_sample": 8},
+    ]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = _bench_script().render_table([path]).splitlines()
+    assert len(table) == 2 + 3
+    joined = next(line for line in table if "| midpoint 32 |" in line)
+    assert "| 0.700 ± 0.141 | 0.600–0.800 | 1–2 |" in joined and "| 5 |" in joined
+    gradient = next(line for line in table if "flow+gradient" in line)
+    assert "| 0.600 ± 0.071 |" in gradient and "| 8 |" in gradient

@@ -136,7 +136,12 @@ class BenchResult:
         num_observations: The sbibm observation numbers scored.
         train_s: Training wall time (s).
         score_s: Sampling + C2ST wall time (s).
-        n_epochs: Training epochs.
+        n_epochs: Training epochs (finetuning steps for a feedback method).
+        sampler: Solver and step count of the scored samples, e.g. ``"midpoint 32"``.
+        sim_calls_per_sample: Forward-model calls per posterior sample (feedback only).
+        finetune_sim_calls: Forward-model calls of the finetuning (feedback only).
+        sample_s: Sampling wall time (s), part of ``score_s``.
+        c2st_s: C2ST wall time (s), part of ``score_s``.
     """
 
     task: str
@@ -147,6 +152,11 @@ class BenchResult:
     train_s: float
     score_s: float
     n_epochs: int
+    sampler: str = ""
+    sim_calls_per_sample: int = 0
+    finetune_sim_calls: int = 0
+    sample_s: float = float("nan")
+    c2st_s: float = float("nan")
 
 
 def simulate_budget(
@@ -290,4 +300,5 @@ def run_benchmark(
         task=task.name, n_simulations=n_simulations, method="flow", c2st=scores,
         num_observations=num_observations, train_s=trained.wall_s,
         score_s=time.perf_counter() - start, n_epochs=trained.n_epochs,
+        sampler=f"{cfg.solver} {cfg.n_steps}",
     )  # fmt: skip
