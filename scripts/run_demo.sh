@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The main job on the shipped defaults (CPU is enough; a few minutes): fit the demo catalog
 # (12 Euclid-like mock lenses rendered by lenstronomy) with the shipped euclid model and its
-# gradient-feedback control net (500 samples per lens: feedback costs ~20 ms of CPU per
+# gradient-feedback control net (200 samples per lens: feedback costs 20-70 ms of CPU per
 # sample), plot its calibration against the known truths and a paper-style corner plot of
 # one lens, and, where ../shared is present, fit a real Euclid Q1 lens.
 source "$(dirname "$0")/_env.sh" plots,baselines
 OUT="${1:-$ROOT/lensflow-demo}"
 mkdir -p "$OUT"
 echo ">> lensflow catalog: the demo catalog (catalogs/demo.ecsv)"
-lensflow catalog catalogs/demo.ecsv --out "$OUT/catalog" -n 500 --seed 0
+lensflow catalog catalogs/demo.ecsv --out "$OUT/catalog" -n 200 --seed 0
 echo ">> lensflow coverage: calibration against the demo truths"
 lensflow coverage "$OUT/catalog" --truths catalogs/demo_truth.ecsv --out "$OUT/coverage.png"
 echo ">> lensflow corner: one lens, mass model, with its truth"
@@ -18,7 +18,7 @@ lensflow corner "$OUT/catalog/lenses/demo_03" --truths catalogs/demo_truth.ecsv 
 REAL="$ROOT/../shared/data/real_lenses/EuclidQ1_102018665_NEG570040238507752998"
 if [ -d "$REAL" ]; then
     echo ">> lensflow fit: a real Euclid Q1 lens (VIS)"
-    lensflow fit "$REAL/102018665_NEG570040238507752998.fits" --band VIS -n 1000 \
+    lensflow fit "$REAL/102018665_NEG570040238507752998.fits" --band VIS -n 500 \
         --out "$OUT/real_NEG570040238507752998"
 fi
 python - "$OUT" <<'PY'
