@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from astropy.table import Table
 
     from lensflow.checkpoint import TrainedPosterior
+    from lensflow.simulator import LensSimulator
 
 __all__ = [
     "CORNER_PARAMS",
@@ -62,6 +63,7 @@ __all__ = [
     "fit",
     "fit_lens",
     "fit_lenses",
+    "resolve_device",
     "resolve_preset",
     "run_fallback",
     "summary_row",
@@ -204,12 +206,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         run_emcee,
     )
     from lensflow.prior import Prior
-    from lensflow.simulator import LensSimulator
 
-    obs = result.observation.to(torch.float64, "cpu")
-    h, _ = obs.shape
-    cfg = dataclasses.replace(model.simulator, n_pix=h, pixel_scale_arcsec=obs.pixel_scale_arcsec)
-    sim = LensSimulator(cfg, psf_kernel=obs.psf, dtype=torch.float64)
+    obs, sim = _observation_simulator(result.observation, model)
     prior = Prior(dtype=torch.float64)
     k = FALLBACK_EMCEE["n_walkers"]
     theta = result.samples.theta.double()
@@ -230,7 +228,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         sim, obs, prior=prior, generator=g, n_steps=n_opt_steps, n_polish_steps=n_opt_steps,
         extra_starts=start[torch.linspace(0, k - 1, 8).long()],
     )  # fmt: skip
-    with torch.no_grad():  # fmt: skip
+    with torch.no_grad():
         logp_flow = float(log_posterior(start, sim, obs, prior).max())
         logp_best = float(log_posterior(best[None], sim, obs, prior)[0])
     init = "flow"
@@ -324,7 +322,18 @@ def _load(model: str | Path, device: torch.device) -> TrainedPosterior:
     return _MODELS[key]
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU) or a device name, checked.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``.
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: If CUDA is requested but not available.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -379,6 +388,22 @@ def _center_pix(
     return float(x), float(y)
 
 
+def _observation_simulator(
+    obs: Observation, model: TrainedPosterior
+) -> tuple[Observation, LensSimulator]:
+    """The observation in float64 on the CPU and the simulator of its likelihood.
+
+    The simulator renders on the observation's own grid with its PSF kernel; the other
+    settings (supersampling) are the model's preset's.
+    """
+    from lensflow.simulator import LensSimulator
+
+    obs = obs.to(torch.float64, "cpu")
+    cfg = dataclasses.replace(model.simulator, n_pix=obs.shape[0],
+                              pixel_scale_arcsec=obs.pixel_scale_arcsec)  # fmt: skip
+    return obs, LensSimulator(cfg, psf_kernel=obs.psf, dtype=torch.float64)
+
+
 def _box3(r: Tensor) -> Tensor:
     k = torch.ones(1, 1, 3, 3, dtype=r.dtype, device=r.device) / 9
     return torch.nn.functional.conv2d(r[None, None], k)[0, 0]
@@ -419,12 +444,7 @@ def diagnose(
         The diagnostics, the model image at the medians ``(H, W)`` and the unlensed source
         ``(H, W)``, float64 on the CPU.
     """
-    from lensflow.simulator import LensSimulator
-
-    obs = obs.to(torch.float64, "cpu")
-    h, _ = obs.shape
-    cfg = dataclasses.replace(model.simulator, n_pix=h, pixel_scale_arcsec=obs.pixel_scale_arcsec)
-    sim = LensSimulator(cfg, psf_kernel=obs.psf, dtype=torch.float64)
+    obs, sim = _observation_simulator(obs, model)
     theta = samples.theta.detach().double().cpu()
     median = torch.quantile(theta, 0.5, dim=0)
     pick = torch.linspace(0, theta.shape[0] - 1, min(n_samples, theta.shape[0])).long()
@@ -550,7 +570,7 @@ def fit_lenses(
                       ("centers_radec", cradec), ("names", names)):  # fmt: skip
         if len(seq) != m:
             raise ValueError(f"{what} has {len(seq)} entries for {m} observations")
-    dev = _device(device)
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     groups: dict[str, list[int]] = {}
     resolved = []
@@ -579,7 +599,7 @@ def fit_lenses(
             seeds=[seed_list[i] for i in idx],
             chunk=lens_chunk,
         )
-        if dev.type == "cuda":  # fmt: skip
+        if dev.type == "cuda":
             torch.cuda.synchronize()
         t_sample = (time.perf_counter() - t1) / len(idx)
         for j, i in enumerate(idx):
@@ -589,7 +609,7 @@ def fit_lenses(
                 theta=s.theta.detach().cpu(),
                 log_prob=None if s.log_prob is None else s.log_prob.cpu(),
             )
-            if not torch.isfinite(s.theta).all():  # fmt: skip
+            if not torch.isfinite(s.theta).all():
                 raise ValueError(f"{names[i]}: the sampler returned non-finite parameters")
             t2 = time.perf_counter()
             diag, image, source = diagnose(cut[j], s, trained)

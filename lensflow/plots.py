@@ -32,6 +32,12 @@ def _pyplot():  # noqa: ANN202 - returns the matplotlib.pyplot module
     return plt
 
 
+def _planes(obs: Observation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image and sigma (float64) and mask (bool) of an observation as numpy arrays."""
+    return (obs.image.detach().cpu().double().numpy(), obs.sigma.detach().cpu().double().numpy(),
+            obs.mask.detach().cpu().numpy())  # fmt: skip
+
+
 def plot_observation(obs: Observation, path: str | Path, *, title: str | None = None) -> Path:
     """Write a PNG/PDF with the image, the noise map, S/N and the PSF of an observation.
 
@@ -44,9 +50,7 @@ def plot_observation(obs: Observation, path: str | Path, *, title: str | None = 
         The path written.
     """
     plt = _pyplot()
-    image = obs.image.detach().cpu().double().numpy()
-    sigma = obs.sigma.detach().cpu().double().numpy()
-    mask = obs.mask.detach().cpu().numpy()
+    image, sigma, mask = _planes(obs)
     psf = obs.psf.detach().cpu().double().numpy()
     height, width = obs.fov_arcsec
     extent = (-width / 2, width / 2, -height / 2, height / 2)
@@ -258,9 +262,7 @@ def residual_plot(
     plt = _pyplot()
     from matplotlib.colors import AsinhNorm
 
-    image = obs.image.detach().cpu().double().numpy()
-    sigma = obs.sigma.detach().cpu().double().numpy()
-    mask = obs.mask.detach().cpu().numpy()
+    image, sigma, mask = _planes(obs)
     mod = model.detach().cpu().double().numpy()
     if mod.shape != image.shape:
         raise ValueError(f"model shape {mod.shape} differs from the image's {image.shape}")

@@ -397,15 +397,6 @@ class BenchReport:
     truths: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available")
-    return dev
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -611,13 +602,13 @@ def run_bench(
     from tqdm.auto import tqdm
 
     from lensflow.checkpoint import load_model
-    from lensflow.fit import fit_lenses
+    from lensflow.fit import fit_lenses, resolve_device
     from lensflow.sampling import resolve_feedback
 
     if not lenses:
         raise ValueError("no lenses to benchmark")
     methods = parse_methods(cfg.methods)
-    dev = _device(device)
+    dev = resolve_device(device)
     hw = hardware(dev)
     trained = load_model(model, device=dev)
     feedback_kind = resolve_feedback(trained, "auto")
