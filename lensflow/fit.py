@@ -571,7 +571,6 @@ def fit_lenses(
         if len(seq) != m:
             raise ValueError(f"{what} has {len(seq)} entries for {m} observations")
     dev = resolve_device(device)
-    t0 = time.perf_counter()
     groups: dict[str, list[int]] = {}
     resolved = []
     for i, obs in enumerate(observations):
@@ -580,6 +579,7 @@ def fit_lenses(
         groups.setdefault(str(model) if model is not None else p, []).append(i)
     results: list[FitResult | None] = [None] * m
     for spec, idx in groups.items():
+        t0 = time.perf_counter()  # per model: the load time of this group only
         trained = _load(spec, dev)
         model_id = _model_id(trained, spec)
         cut = [
