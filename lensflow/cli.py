@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
+    from astropy.table import Table
+
     from lensflow.observation import Observation
 
 __all__ = ["main"]
@@ -305,12 +308,26 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_values(table: Table, name: str) -> np.ndarray:
+    """Column ``name`` of a table in the registry's unit (a column without unit is taken
+    to be in it already), float64."""
+    import numpy as np
+
+    from lensflow.params import REGISTRY
+
+    unit = next(p.unit for p in REGISTRY if p.name == name)
+    col = table[name]
+    if col.unit is not None and unit:
+        return np.asarray(col.quantity.to_value(unit), dtype=np.float64)
+    return np.asarray(col, dtype=np.float64)
+
+
 def _read_samples(path: str) -> tuple[object, str]:
     """Posterior samples from a ``fit``/``sample`` output (FITS/ECSV table or its folder)."""
     import torch
     from astropy.table import Table
 
-    from lensflow.params import NAMES, REGISTRY
+    from lensflow.params import NAMES
     from lensflow.sampling import PosteriorSamples
 
     p = Path(path)
@@ -328,13 +345,7 @@ def _read_samples(path: str) -> tuple[object, str]:
     missing = [n for n in NAMES if n not in table.colnames]
     if missing:
         raise ValueError(f"{p}: missing parameter column(s) {', '.join(missing)}")
-    units = {s.name: s.unit for s in REGISTRY}
-    cols = []
-    for n in NAMES:
-        col = table[n]
-        if col.unit is not None and units[n]:
-            col = col.quantity.to_value(units[n])
-        cols.append(torch.as_tensor(list(col), dtype=torch.float64))
+    cols = [torch.as_tensor(_registry_values(table, n), dtype=torch.float64) for n in NAMES]
     meta = {k.lower(): v for k, v in table.meta.items()}
     method = str(meta.get("method", p.parent.name))
     return PosteriorSamples(torch.stack(cols, 1), NAMES, None, method), str(meta.get("lensid", ""))
@@ -343,7 +354,7 @@ def _read_samples(path: str) -> tuple[object, str]:
 def _cmd_corner(args: argparse.Namespace) -> int:
     from astropy.table import Table
 
-    from lensflow.params import NAMES, REGISTRY
+    from lensflow.params import NAMES
     from lensflow.plots import CORNER_LEVELS, corner_plot
 
     posts, ids = zip(*(_read_samples(s) for s in args.samples), strict=True)
@@ -367,12 +378,7 @@ def _cmd_corner(args: argparse.Namespace) -> int:
         missing = [p for p in params if p not in table.colnames]
         if missing:
             raise ValueError(f"{args.truths}: no column(s) {', '.join(missing)}")
-        units = {s.name: s.unit for s in REGISTRY}
-        truths = [
-            float(table[p].quantity[0].to_value(units[p]))
-            if table[p].unit is not None and units[p] else float(table[p][0])
-            for p in params
-        ]  # fmt: skip
+        truths = [float(_registry_values(table, p)[0]) for p in params]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     corner_plot(list(posts), [out], labels=labels, params=params, truths=truths,
@@ -416,7 +422,7 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     from astropy.table import Table
 
     from lensflow.metrics import interval_coverage
-    from lensflow.params import NAMES, REGISTRY
+    from lensflow.params import NAMES
     from lensflow.plots import coverage_plot
 
     run = Path(args.run)
@@ -426,25 +432,24 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     missing = [c for c in ("id", *NAMES) if c not in truths.colnames]
     if missing:
         raise ValueError(f"{args.truths}: missing column(s) {', '.join(missing)}")
-    units = {p.name: p.unit for p in REGISTRY}
+    values = torch.stack(
+        [torch.as_tensor(_registry_values(truths, n), dtype=torch.float64) for n in NAMES], 1
+    )
     samples, truth, skipped = [], [], []
-    for row in truths:
-        folder = run / "lenses" / str(row["id"])
+    for k, lens_id in enumerate(truths["id"]):
+        folder = run / "lenses" / str(lens_id)
         if not (folder / "samples.fits").is_file():
-            skipped.append(str(row["id"]))
+            skipped.append(str(lens_id))
             continue
         post, _ = _read_samples(str(folder))
         samples.append(post.theta)
-        truth.append([
-            float(row[n].to_value(units[n])) if hasattr(row[n], "unit") and units[n]
-            else float(row[n]) for n in NAMES
-        ])  # fmt: skip
+        truth.append(values[k])
     if len(samples) < 2:
         raise ValueError(f"{run}: need samples of at least 2 lenses with truths, found "
                          f"{len(samples)}")  # fmt: skip
     n = min(s.shape[0] for s in samples)
     stacked = torch.stack([s[:n] for s in samples], 1)
-    truth_t = torch.tensor(truth, dtype=torch.float64)
+    truth_t = torch.stack(truth)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     coverage_plot(stacked, truth_t, out, title=args.title)

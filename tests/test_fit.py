@@ -300,3 +300,13 @@ def test_cli_coverage_of_a_calibrated_synthetic_run(tmp_path, capsys):
     c68, c95 = (float(x) for x in re.findall(r"coverage ([\d.]+) at 68%, ([\d.]+) at 95%", out)[0])
     # 21 x 200 intervals: standard error ~0.033 / sqrt(21) per level for the mean over parameters.
     assert abs(c68 - 0.68) < 0.03 and abs(c95 - 0.95) < 0.02
+    # Truth columns with units are converted to the registry's: theta_E in mas gives the same.
+    mas = Table.read(tmp_path / "truth.ecsv")
+    mas["lens_theta_e"] = mas["lens_theta_e"] * 1000
+    mas["lens_theta_e"].unit = "mas"
+    mas.write(tmp_path / "truth_mas.ecsv")
+    code = main(["coverage", str(tmp_path / "run"), "--truths", str(tmp_path / "truth_mas.ecsv"),
+                 "--out", str(tmp_path / "cov2.png")])  # fmt: skip
+    pattern = r"coverage ([\d.]+) at 68%, ([\d.]+) at 95%"
+    assert code == 0
+    assert re.findall(pattern, capsys.readouterr().out) == re.findall(pattern, out)
