@@ -390,17 +390,10 @@ def _fit_batch(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``data`` beside ``path``, flush it to disk and rename it onto ``path``."""
+    from lensflow.fit import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=True)
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:

@@ -59,6 +59,7 @@ __all__ = [
     "SUMMARY_QUANTILES",
     "Diagnostics",
     "FitResult",
+    "atomic_write",
     "diagnose",
     "fit",
     "fit_lens",
@@ -766,11 +767,26 @@ def _temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (no partial file is ever seen)."""
+def atomic_write(path: Path, write: Callable[[Path], object], *, fsync: bool = False) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    No reader ever sees a partial file; the result is world-readable (``0644``).
+
+    Args:
+        path: Destination file.
+        write: Writes the content to the path it is given.
+        fsync: Flush the file to disk before the rename (for files that mark progress, like a
+            catalog lens's ``result.json``).
+
+    Returns:
+        ``path``.
+    """
     tmp = _temp_path(path)
     try:
         write(Path(tmp))
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     finally:
@@ -815,11 +831,11 @@ def write_fit(
     samples = samples_table(result.samples)
     samples.meta.update({"LENSID": result.name, "METHOD": result.samples.method,
                          "SEED": result.seed, "LFVERS": __version__})  # fmt: skip
-    written["samples"] = _atomic(
+    written["samples"] = atomic_write(
         out / "samples.fits", lambda p: samples.write(p, format="fits", overwrite=True)
     )
     summary = summary_table(result)
-    written["summary"] = _atomic(
+    written["summary"] = atomic_write(
         out / "summary.ecsv", lambda p: summary.write(p, format="ascii.ecsv", overwrite=True)
     )
     if plots:
@@ -839,7 +855,7 @@ def write_fit(
         finally:
             for tmp in tmps.values():
                 tmp.unlink(missing_ok=True)
-        written["residuals"] = _atomic(
+        written["residuals"] = atomic_write(
             out / "residuals.png",
             lambda p: lp.residual_plot(result.observation, result.model_image, p,
                                        source=result.source_image, title=title),
@@ -850,7 +866,7 @@ def write_fit(
         "timings_s": result.timings,
         "outputs": {k: v.name for k, v in written.items()},
     }
-    written["provenance"] = _atomic(
+    written["provenance"] = atomic_write(
         out / "provenance.json",
         lambda p: p.write_text(json.dumps(provenance, indent=2, default=str) + "\n"),
     )

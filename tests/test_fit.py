@@ -16,6 +16,7 @@ from lensflow.cli import main
 from lensflow.config import preset
 from lensflow.fit import (
     SUMMARY_QUANTILES,
+    atomic_write,
     diagnose,
     fit,
     fit_lens,
@@ -85,6 +86,23 @@ def test_resolve_preset_by_pixel_scale():
         resolve_preset(obs(0.3))
     with pytest.raises(ValueError, match="unknown preset 'jwst'"):
         resolve_preset(obs(0.1), "jwst")
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_atomic_write_replaces_whole_files_or_nothing(tmp_path, fsync):
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    atomic_write(target, lambda p: p.write_text("new"), fsync=fsync)
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o644
+
+    def fails(p):
+        p.write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fails, fsync=fsync)
+    assert target.read_text() == "new"  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left
 
 
 def test_fit_writes_every_output_with_units(tmp_path):
