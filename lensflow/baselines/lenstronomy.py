@@ -46,12 +46,15 @@ References:
 from __future__ import annotations
 
 __all__ = [
+    "INDEPENDENT_SUPERSAMPLING",
+    "NUMERICS",
     "LenstronomyKwargs",
     "LenstronomyResult",
     "fitting_sequence",
     "from_lenstronomy",
     "image_model",
     "likelihood_mask",
+    "native_psf",
     "psf_pad_pix",
     "render_lenstronomy",
     "run_lenstronomy",
@@ -77,7 +80,7 @@ from lensflow.config import SimulatorConfig
 from lensflow.observation import Observation
 from lensflow.params import NAMES, REGISTRY, ParamSpec
 from lensflow.sampling import PosteriorSamples
-from lensflow.simulator import fine_psf
+from lensflow.simulator import fine_psf, gaussian_psf, pool_psf
 
 try:
     from lenstronomy.Data.imaging_data import ImageData
@@ -211,31 +214,88 @@ def psf_pad_pix(config: SimulatorConfig, *, psf_kernel: Tensor | np.ndarray | No
     return math.ceil(half_fine / config.upsample_factor)
 
 
+#: ``image_model(numerics=...)`` choices: ``matched`` reproduces ``LensSimulator`` (same
+#: supersampling, PSF convolved at the fine scale); ``independent`` is how a lenstronomy user
+#: sets it up: ``INDEPENDENT_SUPERSAMPLING``-fold supersampling and lenstronomy's default
+#: convolution of the pixel-integrated image with the native pixel-integrated PSF kernel.
+NUMERICS = ("matched", "independent")
+
+#: Supersampling factor of ``numerics="independent"``.
+INDEPENDENT_SUPERSAMPLING = 6
+
+
+def native_psf(config: SimulatorConfig, psf_kernel: Tensor | np.ndarray | None = None) -> Tensor:
+    """The native pixel-integrated PSF kernel of a configuration.
+
+    Args:
+        config: Pixel grid and Gaussian FWHM (used without ``psf_kernel``).
+        psf_kernel: Optional native kernel, shape ``(k, k)``, ``k`` odd; returned normalized.
+
+    Returns:
+        Kernel of unit sum, float64, shape ``(n, n)``, ``n`` odd; the Gaussian is integrated
+        over pixels on a ``INDEPENDENT_SUPERSAMPLING``-fold grid (``simulator.pool_psf``).
+    """
+    if psf_kernel is not None:
+        k = torch.as_tensor(psf_kernel, dtype=torch.float64)
+        return k / k.sum()
+    f = INDEPENDENT_SUPERSAMPLING
+    fine = gaussian_psf(config.psf_fwhm_arcsec, config.pixel_scale_arcsec / f,
+                        truncation=config.psf_truncation)  # fmt: skip
+    return pool_psf(fine, f)
+
+
 def image_model(
     config: SimulatorConfig,
     *,
     psf_kernel: Tensor | np.ndarray | None = None,
     n_pad: int = 0,
+    numerics: str = "matched",
 ) -> ImageModel:
     """lenstronomy's ``ImageModel`` of the lensflow model on a simulator grid.
 
     Args:
         config: Pixel grid, supersampling and PSF (as for ``LensSimulator``).
         psf_kernel: Optional native-resolution pixel kernel, shape ``(k, k)`` with ``k`` odd;
-            replaces the Gaussian. Brought to the supersampled scale with
-            ``supersample_psf`` exactly as ``LensSimulator`` does.
+            replaces the Gaussian. With ``numerics="matched"`` it is brought to the
+            supersampled scale with ``supersample_psf`` exactly as ``LensSimulator`` does.
         n_pad: Extra native pixels on each side of the grid (``psf_pad_pix`` makes the edge
             pixels exact; 0 gives the data grid for fitting).
+        numerics: ``"matched"`` (the same numerics as ``LensSimulator``: images agree to
+            ~1e-6 of the peak) or ``"independent"`` (``INDEPENDENT_SUPERSAMPLING``-fold
+            supersampling, native-pixel convolution with ``native_psf``: lenstronomy's
+            defaults, a different discretization of the same model; see ``NUMERICS``).
 
     Returns:
         An ``ImageModel`` whose ``image(**dataclasses.asdict(to_lenstronomy(theta)))`` is
         of shape ``(n_pix + 2 n_pad, n_pix + 2 n_pad)``, in flux per pixel.
 
     Raises:
-        ValueError: If ``n_pad`` is negative.
+        ValueError: If ``n_pad`` is negative or ``numerics`` unknown.
     """
     if n_pad < 0:
         raise ValueError(f"n_pad must be >= 0, got {n_pad}")
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+    kwargs_data = data_configure_simple(
+        config.n_pix + 2 * n_pad, config.pixel_scale_arcsec, inverse=False
+    )
+    no_psf = psf_kernel is None and config.psf_fwhm_arcsec == 0
+    if numerics == "independent":
+        psf = (PSF(psf_type="NONE") if no_psf
+               else PSF(psf_type="PIXEL", kernel_point_source=native_psf(config, psf_kernel)
+                        .numpy()))  # fmt: skip
+        kwargs_numerics: dict[str, Any] = {
+            "supersampling_factor": INDEPENDENT_SUPERSAMPLING,
+            "supersampling_convolution": False,
+        }
+        return ImageModel(
+            ImageData(**kwargs_data),
+            psf,
+            LensModel(_PROFILES["kwargs_lens"]),
+            LightModel(_PROFILES["kwargs_source"]),
+            LightModel(_PROFILES["kwargs_lens_light"]),
+            kwargs_numerics=kwargs_numerics,
+        )
     up = config.upsample_factor
     fine = fine_psf(config, psf_kernel).numpy()
     if fine.shape == (1, 1):
@@ -246,10 +306,7 @@ def image_model(
             kernel_point_source=fine,
             point_source_supersampling_factor=up,
         )
-    kwargs_data = data_configure_simple(
-        config.n_pix + 2 * n_pad, config.pixel_scale_arcsec, inverse=False
-    )
-    kwargs_numerics: dict[str, Any] = {
+    kwargs_numerics = {
         "supersampling_factor": up,
         "supersampling_convolution": up > 1,
         # Convolve with the whole fine kernel, as caustics does (default: central 5 px).
@@ -270,6 +327,7 @@ def render_lenstronomy(
     config: SimulatorConfig,
     *,
     psf_kernel: Tensor | np.ndarray | None = None,
+    numerics: str = "matched",
 ) -> np.ndarray:
     """Noiseless images of the lensflow model rendered by lenstronomy.
 
@@ -282,6 +340,7 @@ def render_lenstronomy(
         config: Pixel grid, supersampling and PSF.
         psf_kernel: Optional native-resolution pixel kernel, shape ``(k, k)`` with ``k`` odd
             (as for ``LensSimulator``).
+        numerics: ``"matched"`` or ``"independent"`` (see :func:`image_model`).
 
     Returns:
         Images in flux per pixel, float64, shape ``(B, H, W)`` or ``(H, W)``.
@@ -295,7 +354,9 @@ def render_lenstronomy(
             f"theta must have shape (B, {len(NAMES)}) or ({len(NAMES)},), got {values.shape}"
         )
     n_pad = psf_pad_pix(config, psf_kernel=psf_kernel)
-    model = image_model(config, psf_kernel=psf_kernel, n_pad=n_pad)
+    if numerics == "independent" and (psf_kernel is not None or config.psf_fwhm_arcsec > 0):
+        n_pad = max(n_pad, native_psf(config, psf_kernel).shape[0] // 2)
+    model = image_model(config, psf_kernel=psf_kernel, n_pad=n_pad, numerics=numerics)
     n = config.n_pix
     images = np.empty((len(values.reshape(-1, len(NAMES))), n, n), dtype=np.float64)
     with warnings.catch_warnings():
