@@ -466,7 +466,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from lensflow.baselines import bench
+    from lensflow.baselines import bench, report
     from lensflow.config import run_provenance
 
     if args.threads < 1:
@@ -487,9 +487,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         real, notes = bench.load_real_lenses(args.real_root, model=args.model)
         lenses += real
     torch.manual_seed(args.seed)
-    report = bench.run_bench(lenses, cfg, model=args.model, device=args.device, seed=args.seed,
+    result = bench.run_bench(lenses, cfg, model=args.model, device=args.device, seed=args.seed,
                              progress=not args.quiet)  # fmt: skip
-    report = dataclasses.replace(report, notes=(*report.notes, *notes))
+    result = dataclasses.replace(result, notes=(*result.notes, *notes))
     parts = ["--config", args.config, "--methods", ",".join(cfg.methods), "--n-lenses",
              str(cfg.n_lenses), "--seed", str(args.seed), "--threads", str(args.threads),
              "--device", args.device, "--out", str(out)]  # fmt: skip
@@ -500,23 +500,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     parts += ["--real"] if args.real else []
     command = "lensflow bench " + " ".join(shlex.quote(a) for a in parts)
     out.mkdir(parents=True, exist_ok=True)
-    tree = bench.bench_json(report, command=command,
-                            provenance=run_provenance(args.seed, {"bench": cfg}))  # fmt: skip
+    tree = report.bench_json(result, command=command,
+                             provenance=run_provenance(args.seed, {"bench": cfg}))  # fmt: skip
     written = [out / f"bench-{cfg.name}.json"]
     written[0].write_text(json.dumps(tree, indent=1) + "\n")
-    figures = bench.write_figures(report, out / "figures")
-    md = bench.markdown_report(report, command=command,
-                               figures=[str(f.relative_to(out)) for f in figures])  # fmt: skip
+    figures = report.write_figures(result, out / "figures")
+    md = report.markdown_report(result, command=command,
+                                figures=[str(f.relative_to(out)) for f in figures])  # fmt: skip
     written.append(out / f"bench-{cfg.name}.md")
     written[-1].write_text(md)
     if args.docs:
         docs = Path(args.docs)
-        shown = bench.write_figures(report, docs.parent / "figures")
+        shown = report.write_figures(result, docs.parent / "figures")
         (docs.parent / f"bench-{cfg.name}.json").write_text(json.dumps(tree, indent=1) + "\n")
-        block = bench.markdown_report(report, command=command,
-                                      figures=[str(f.relative_to(docs.parent)) for f in shown])  # fmt: skip
-        written.append(bench.replace_docs_block(docs, block))
-    print(f"{len(report.records)} records ({len(lenses)} lenses x {len(cfg.methods)} methods); "
+        block = report.markdown_report(result, command=command,
+                                       figures=[str(f.relative_to(docs.parent)) for f in shown])  # fmt: skip
+        written.append(report.replace_docs_block(docs, block))
+    print(f"{len(result.records)} records ({len(lenses)} lenses x {len(cfg.methods)} methods); "
           f"wrote {', '.join(map(str, written))} and {len(figures)} figure(s)")  # fmt: skip
     return 0
 

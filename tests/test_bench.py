@@ -1,4 +1,4 @@
-"""The flow-vs-MCMC benchmark harness (lensflow.baselines.bench, ``lensflow bench``)."""
+"""The flow-vs-MCMC benchmark harness (baselines.bench, baselines.report, ``lensflow bench``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("emcee")
 pytest.importorskip("sklearn")
 
 from lensflow import cli
-from lensflow.baselines import bench
+from lensflow.baselines import bench, report
 from lensflow.params import NAMES
 
 #: Tiny sizes: one lens, 256 flow samples, a 10-step chain (far below 50 tau).
@@ -32,7 +32,7 @@ def bench_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     docs = tmp / "docs" / "benchmarks.md"
     docs.parent.mkdir()
-    docs.write_text(f"# Benchmarks\n\nkept above\n\n{bench.DOCS_START}\nold\n{bench.DOCS_END}\n"
+    docs.write_text(f"# Benchmarks\n\nkept above\n\n{report.DOCS_START}\nold\n{report.DOCS_END}\n"
                     "\nkept below\n")  # fmt: skip
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
@@ -111,8 +111,8 @@ def test_bench_json_summary_and_hardware(bench_run):
     assert speed["lens"] == "demo_00" and speed["flow"] == "flow"
     assert (tmp / "out" / "figures" / "bench_corner_demo_00.png").stat().st_size > 1000
     # Read back: the same table from the JSON alone.
-    again = bench.load_report(tmp / "out" / "bench-tiny.json")
-    md = bench.markdown_report(again, command=tree["command"])
+    again = report.load_report(tmp / "out" / "bench-tiny.json")
+    md = report.markdown_report(again, command=tree["command"])
     assert "| demo_00 | emcee |" in md and again.summary["goals"] == tree["summary"]["goals"]
 
 
@@ -124,7 +124,7 @@ def test_bench_markdown_table_and_docs_block(bench_run):
     assert "**no**: 10 steps < 50 tau" in md
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nkept above\n") and text.endswith("\nkept below\n")
-    assert "\nold\n" not in text and text.count(bench.DOCS_START) == 1
+    assert "\nold\n" not in text and text.count(report.DOCS_START) == 1
     assert "| demo_00 | emcee |" in text
     assert "figures/bench_corner_demo_00.png" in text
     assert (docs.parent / "figures" / "bench_corner_demo_00.png").is_file()
@@ -157,13 +157,13 @@ def test_bench_cli_errors_are_one_line(argv, message, tmp_path, capsys):
 def test_replace_docs_block_appends_and_rejects_broken_markers(tmp_path):
     path = tmp_path / "a.md"
     path.write_text("# Title\n")
-    bench.replace_docs_block(path, "first")
-    bench.replace_docs_block(path, "second")
+    report.replace_docs_block(path, "first")
+    report.replace_docs_block(path, "second")
     text = path.read_text()
-    assert text == f"# Title\n\n{bench.DOCS_START}\nsecond\n{bench.DOCS_END}\n"
-    path.write_text(f"{bench.DOCS_END}\n{bench.DOCS_START}\n")
+    assert text == f"# Title\n\n{report.DOCS_START}\nsecond\n{report.DOCS_END}\n"
+    path.write_text(f"{report.DOCS_END}\n{report.DOCS_START}\n")
     with pytest.raises(ValueError, match="broken"):
-        bench.replace_docs_block(path, "x")
+        report.replace_docs_block(path, "x")
 
 
 def test_emcee_times_follow_the_50_tau_and_10k_rules():

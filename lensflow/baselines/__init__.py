@@ -1,7 +1,8 @@
 """Baselines: lensflow's lens model run through other codes, for parity checks and comparison.
 
-Two modules, both needing the ``baselines`` extra (``pip install 'lensflow[baselines]'``),
-so import them explicitly and lensflow itself never needs the extra:
+Two baseline modules, both needing the ``baselines`` extra
+(``pip install 'lensflow[baselines]'``), so import them explicitly and lensflow itself never
+needs the extra:
 
 * ``lensflow.baselines.lenstronomy``: the translation to lenstronomy's keyword lists and its
   image model (``to_lenstronomy``, ``render_lenstronomy``), and the lenstronomy + emcee
@@ -13,6 +14,10 @@ so import them explicitly and lensflow itself never needs the extra:
 
 Every baseline returns a ``lensflow.sampling.PosteriorSamples`` in registry names and units,
 inside a frozen result record that also carries its convergence diagnostics.
+
+The flow-vs-MCMC benchmark (``lensflow bench``) runs them next to the flow:
+``lensflow.baselines.bench`` (configs, lenses, running the methods, the summary and issue 3's
+goals) and ``lensflow.baselines.report`` (JSON records, the Markdown block, the figures).
 """
 
 __all__: list[str] = []

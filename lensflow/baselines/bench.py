@@ -1,9 +1,10 @@
 """Benchmark stage: the flow against MCMC on the same lenses (issue 3's harness).
 
 ``run_bench`` runs every requested method on the same cut observations and returns one
-record per lens x method; ``bench_json``, ``markdown_report`` and ``write_figures`` turn them
-into the JSON, the Markdown block of docs/benchmarks.md and the figures. ``lensflow bench``
-(cli.py) and ``scripts/benchmark.py`` are thin wrappers.
+record per lens x method, with the per-method summary and issue 3's goals judged against it
+(``judge_goals``). ``baselines.report`` turns that into the JSON, the Markdown block of
+docs/benchmarks.md and the figures. ``lensflow bench`` (cli.py) and ``scripts/benchmark.py``
+are thin wrappers.
 
 Methods (``METHODS``):
 
@@ -41,16 +42,13 @@ __all__ = [
     "BenchConfig",
     "BenchLens",
     "BenchReport",
-    "bench_json",
     "hardware",
+    "judge_goals",
     "load_demo_lenses",
     "load_real_lenses",
-    "load_report",
-    "markdown_report",
     "parse_methods",
-    "replace_docs_block",
     "run_bench",
-    "write_figures",
+    "stack_samples",
 ]
 
 import dataclasses
@@ -72,9 +70,6 @@ from lensflow.observation import Observation
 
 #: Methods ``run_bench`` knows, in run order (emcee before the flows' C2ST needs it).
 METHODS: tuple[str, ...] = ("flow", "flow+feedback", "emcee", "nuts", "lenstronomy")
-
-#: Markers of the generated block in docs/benchmarks.md.
-DOCS_START, DOCS_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 #: Issue 3's goals for flow + feedback, per lens at 10,000 samples.
 GOALS: dict[str, float] = {
@@ -408,6 +403,26 @@ def _subset(theta: Tensor, n: int) -> Tensor:
     return theta[pick]
 
 
+def stack_samples(
+    samples: dict[tuple[str, str], Any], lenses: Sequence[str], method: str, n_max: int
+) -> Tensor:
+    """One method's samples on several lenses, evenly thinned to a common count.
+
+    Args:
+        samples: ``(lens, method)`` -> posterior samples (``BenchReport.samples``).
+        lenses: Lens names, each with samples of ``method``.
+        method: The method.
+        n_max: Samples per lens at most.
+
+    Returns:
+        float64 CPU tensor of shape ``(n, len(lenses), D)``, columns ``params.NAMES``, units
+        per registry; ``n`` is the smallest per-lens sample count, capped at ``n_max``.
+    """
+    n = min(n_max, *(samples[(lens, method)].theta.shape[0] for lens in lenses))
+    return torch.stack([_subset(samples[(lens, method)].theta.double().cpu(), n)
+                        for lens in lenses], 1)  # fmt: skip
+
+
 def _accuracy(samples: Any, lens: BenchLens, trained: Any, cfg: BenchConfig) -> dict[str, Any]:  # noqa: ANN401
     """Median, error vs truth and reduced chi^2 of one posterior."""
     from lensflow.fit import diagnose
@@ -719,10 +734,7 @@ def _summarize(
             entry["n_converged"] = sum(bool(r["converged"]) for r in ok)
         with_truth = [r["lens"] for r in ok if r["lens"] in truths]
         if with_truth:
-            n = min(cfg.n_coverage_samples,
-                    *(samples[(lens, m)].theta.shape[0] for lens in with_truth))  # fmt: skip
-            stacked = torch.stack([_subset(samples[(lens, m)].theta.double().cpu(), n)
-                                   for lens in with_truth], 1)  # fmt: skip
+            stacked = stack_samples(samples, with_truth, m, cfg.n_coverage_samples)
             truth = torch.stack([truths[lens] for lens in with_truth])
             cov = interval_coverage(stacked, truth, levels=(0.68, 0.95))
             entry["coverage"] = {
@@ -746,11 +758,25 @@ def _summarize(
                                         / by[f]["time_to_10k_samples_s"])  # fmt: skip
                     row[f"vs_{ref}_wall"] = by[ref]["wall_time_s"] / by[f]["time_to_10k_samples_s"]
             speedups.append(row)
-    return {"per_method": per_method, "speedups": speedups, "goals": _goals(per_method, speedups)}
+    goals = judge_goals(per_method, speedups)
+    return {"per_method": per_method, "speedups": speedups, "goals": goals}
 
 
-def _goals(per_method: dict[str, Any], speedups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 3's goals against the measured numbers, with the reasons a goal is not judged."""
+def judge_goals(
+    per_method: dict[str, Any], speedups: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Issue 3's goals (``GOALS``) against the measured numbers, with the reasons not judged.
+
+    The flow variant judged is ``flow+feedback`` when it ran, else ``flow`` (noted).
+
+    Args:
+        per_method: ``summary["per_method"]`` of a report (method -> means and coverage).
+        speedups: ``summary["speedups"]`` (one row per lens x flow variant).
+
+    Returns:
+        One JSON-able row per goal: ``goal``, ``target``, ``measured`` (``None`` when not
+        measurable), ``met`` (``None`` when not judged), ``method`` and ``note``.
+    """
     flow = "flow+feedback" if "flow+feedback" in per_method else "flow"
     fm, em = per_method.get(flow, {}), per_method.get("emcee", {})
     why_flow = "" if flow == "flow+feedback" else "no control net: the flow alone is measured"
@@ -805,262 +831,4 @@ def _goals(per_method: dict[str, Any], speedups: list[dict[str, Any]]) -> list[d
             why += f", above the +/-{tol:g} tolerance: too few lenses to judge"
     add("coverage at 68%/95% (mean over parameters), largest deviation",
         f"<= {GOALS['coverage_tolerance']:g}", dev, met, why)  # fmt: skip
-    return out
-
-
-# --- outputs ----------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:  # noqa: ANN401 - any JSON-able tree
-    """Non-finite floats become ``None`` (strict JSON), tuples lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def load_report(path: str | Path) -> BenchReport:
-    """A report read back from ``bench_json`` output (goals re-derived; no samples).
-
-    Args:
-        path: The JSON file.
-
-    Returns:
-        The report without samples and truths (enough for ``markdown_report``).
-    """
-    import json
-
-    tree = json.loads(Path(path).read_text())
-    fields = {f.name for f in dataclasses.fields(BenchConfig)}
-    cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in tree["config"].items() if k in fields})  # fmt: skip
-    summary = dict(tree["summary"])
-    summary["goals"] = _goals(summary["per_method"], summary["speedups"])
-    return BenchReport(cfg, tuple(tree["records"]), summary, tree["hardware"],
-                       tuple(tree["notes"]))  # fmt: skip
-
-
-def bench_json(report: BenchReport, *, command: str = "", provenance: dict | None = None) -> dict:
-    """The report as a strict-JSON tree (no NaN): config, hardware, records, summary.
-
-    Args:
-        report: The report.
-        command: The command line that produced it.
-        provenance: ``config.run_provenance`` output (version, git SHA, time).
-
-    Returns:
-        JSON-able dict.
-    """
-    return _jsonable({
-        "command": command,
-        "provenance": provenance or {},
-        "config": dataclasses.asdict(report.config),
-        "hardware": report.hardware,
-        "notes": list(report.notes),
-        "records": list(report.records),
-        "summary": report.summary,
-    })  # fmt: skip
-
-
-def _fmt(v: float | None, spec: str = ".3g") -> str:
-    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
-
-
-def _mode_note(r: dict[str, Any]) -> str:
-    """Says when the optimizer's start is more than 10 nats below the truth's posterior."""
-    lp, lt = r.get("start_log_posterior"), r.get("truth_log_posterior")
-    if lp is None or lt is None or lt - lp <= 10:
-        return ""
-    return f"; start {lt - lp:.0f} nats below the truth (another mode)"
-
-
-def _convergence(r: dict[str, Any]) -> str:
-    if r["method"] in ("flow", "flow+feedback"):
-        return "n/a (independent samples)"
-    if r["method"] == "nuts":
-        yes = "yes" if r["converged"] else "**no**"
-        text = f"{yes}: R-hat {_fmt(r['r_hat_max'], '.3f')}, min ESS {_fmt(r['ess_min'], '.0f')}"
-        return text + _mode_note(r)
-    tau = r["tau_max"]  # None when read back from JSON (NaN: the chain was too short)
-    tau = float("nan") if tau is None else tau
-    if r["converged"]:
-        text = f"yes: {r['n_steps']} steps >= 50 tau ({_fmt(tau, '.0f')})"
-    else:
-        text = (f"**no**: {r['n_steps']} steps < 50 tau = {_fmt(50 * tau, '.0f')} "
-                f"(tau {_fmt(tau, '.0f')})")  # fmt: skip
-    return text + _mode_note(r)
-
-
-def markdown_report(report: BenchReport, *, command: str = "", figures: Sequence[str] = ()) -> str:
-    """The generated Markdown block: hardware, per-lens table, summary, goals, figures.
-
-    Args:
-        report: The report.
-        command: The command line, quoted in the block.
-        figures: Figure paths relative to the Markdown file, embedded at the end.
-
-    Returns:
-        Markdown text (no markers).
-    """
-    hw, cfg = report.hardware, report.config
-    gpu = hw["gpu"] or "none"
-    lines = [
-        f"Generated by `lensflow bench` (config `{cfg.name}`); do not edit by hand.",
-        "",
-        "```bash",
-        command or "lensflow bench",
-        "```",
-        "",
-        (
-            f"Hardware: {hw['cpu']}, {hw['cpu_cores']} cores, {hw['torch_threads']} torch "
-            f"thread(s), device `{hw['device']}`, GPU: {gpu}; load average at start "
-            f"{_fmt(hw['load_average_1min'], '.1f')}; torch {hw['torch_version']}."
-        ),
-        "",
-        (
-            f"Settings: {cfg.n_flow_samples:,} flow samples per lens; emcee {cfg.emcee_walkers} "
-            f"walkers x ({cfg.emcee_burn} burn-in + {cfg.emcee_steps} steps) from "
-            f"`optimize_posterior` ({cfg.n_opt_starts} broad starts); C2ST on "
-            f"{cfg.c2st_samples:,} samples per side; reduced chi^2 of {cfg.n_chi2_samples} "
-            "re-simulated samples."
-        ),
-        "",
-    ]
-    lines += [f"- {n}" for n in report.notes]
-    if report.notes:
-        lines.append("")
-    lines += [
-        (
-            "| lens | method | wall time [s] | time to 10,000 samples [s] | converged | "
-            "abs. error theta_E [arcsec] | mean reduced chi^2 | C2ST vs emcee |"
-        ),
-        "|---|---|---:|---:|---|---:|---:|---:|",
-    ]
-    for r in report.records:
-        if r["status"] != "ok":
-            lines.append(f"| {r['lens']} | {r['method']} | {r['status']}: {r['note']} | | | | | |")
-            continue
-        lines.append(
-            f"| {r['lens']} | {r['method']} | {_fmt(r['wall_time_s'], '.1f')} | "
-            f"{_fmt(r['time_to_10k_samples_s'], '.1f')} | {_convergence(r)} | "
-            f"{_fmt(r.get('lens_theta_e_abs_error'), '.2g')} | "
-            f"{_fmt(r['chi2_red_samples'], '.2f')} | {_fmt(r.get('c2st_vs_emcee'), '.3f')} |"
-        )
-    lines += [
-        "",
-        "Per method (mean over lenses; coverage across lenses, mean over the 21 parameters):",
-        "",
-        (
-            "| method | lenses | median time to 10,000 samples [s] | mean abs. error theta_E "
-            "[arcsec] | mean reduced chi^2 | coverage 68% | coverage 95% | mean C2ST vs emcee |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for m, e in report.summary["per_method"].items():
-        cov = e.get("coverage", {}).get("mean_over_params", [None, None])
-        lines.append(
-            f"| {m} | {e['n_lenses']} | {_fmt(e['median_time_to_10k_samples_s'], '.1f')} | "
-            f"{_fmt(e['mean_lens_theta_e_abs_error'], '.3f')} | "
-            f"{_fmt(e['mean_chi2_red_samples'], '.2f')} | {_fmt(cov[0], '.2f')} | "
-            f"{_fmt(cov[1], '.2f')} | {_fmt(e['mean_c2st_vs_emcee'], '.3f')} |"
-        )
-    lines += [
-        "",
-        (
-            "Speed-ups (MCMC time to 10,000 samples / flow time for 10,000 samples, same run, "
-            "same machine):"
-        ),
-        "",
-        "| lens | flow | vs emcee | vs NUTS | vs lenstronomy |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for s in report.summary["speedups"]:
-        lines.append(f"| {s['lens']} | {s['flow']} | {_fmt(s.get('vs_emcee'), '.3g')} | "
-                     f"{_fmt(s.get('vs_nuts'), '.3g')} | {_fmt(s.get('vs_lenstronomy'), '.3g')} |")  # fmt: skip
-    lines += ["", "Issue 3's goals:", "", "| goal | target | measured | met | note |",
-              "|---|---|---:|---|---|"]  # fmt: skip
-    for g in report.summary["goals"]:
-        met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
-        lines.append(f"| {g['goal']} ({g['method']}) | {g['target']} | "
-                     f"{_fmt(g['measured'], '.3g')} | {met} | {g['note']} |")  # fmt: skip
-    for f in figures:
-        lines += ["", f"![{Path(f).stem}]({f})"]
-    return "\n".join(lines) + "\n"
-
-
-def replace_docs_block(path: str | Path, block: str) -> Path:
-    """Put ``block`` between the bench markers of a Markdown file (appended if absent).
-
-    Args:
-        path: The Markdown file (created if missing).
-        block: The generated text.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: If only one marker is present, or they are in the wrong order.
-    """
-    path = Path(path)
-    text = path.read_text() if path.is_file() else ""
-    i, j = text.find(DOCS_START), text.find(DOCS_END)
-    if (i < 0) != (j < 0) or (i >= 0 and j < i):
-        raise ValueError(f"{path}: broken {DOCS_START} / {DOCS_END} markers")
-    new = f"{DOCS_START}\n{block.rstrip()}\n{DOCS_END}"
-    if i < 0:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + new + "\n"
-    else:
-        text = text[:i] + new + text[j + len(DOCS_END) :]
-    path.write_text(text)
-    return path
-
-
-def write_figures(
-    report: BenchReport, folder: str | Path, *, prefix: str = "bench_"
-) -> list[Path]:
-    """Coverage plots per method and a flow-vs-emcee corner plot of the first lens.
-
-    Args:
-        report: The report.
-        folder: Output folder (created).
-        prefix: File-name prefix.
-
-    Returns:
-        The PNG files written.
-    """
-    from lensflow.fit import CORNER_PARAMS
-    from lensflow.params import NAMES
-    from lensflow.plots import corner_plot, coverage_plot
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for m, e in report.summary["per_method"].items():
-        lenses = [r["lens"] for r in report.records
-                  if r["method"] == m and r["status"] == "ok" and r["lens"] in report.truths]  # fmt: skip
-        if len(lenses) < 2 or "coverage" not in e:
-            continue
-        n = min(report.config.n_coverage_samples,
-                *(report.samples[(lens, m)].theta.shape[0] for lens in lenses))  # fmt: skip
-        stacked = torch.stack([_subset(report.samples[(lens, m)].theta.double().cpu(), n)
-                               for lens in lenses], 1)  # fmt: skip
-        truth = torch.stack([report.truths[lens] for lens in lenses])
-        path = folder / f"{prefix}coverage_{m.replace('+', '_')}.png"
-        out.append(coverage_plot(stacked, truth, path,
-                                 title=f"{m}: coverage over {len(lenses)} lenses"))  # fmt: skip
-    first = report.records[0]["lens"] if report.records else None
-    posts = [(m, report.samples[(first, m)]) for m in METHODS if (first, m) in report.samples]
-    if posts:
-        truth = report.truths.get(first)
-        idx = [NAMES.index(p) for p in CORNER_PARAMS]
-        path = folder / f"{prefix}corner_{first}.png"
-        corner_plot([p for _, p in posts], [path], labels=[m for m, _ in posts],
-                    params=CORNER_PARAMS, title=f"{first}: flow vs MCMC",
-                    truths=None if truth is None else [float(truth[i]) for i in idx])  # fmt: skip
-        out.append(path)
     return out
