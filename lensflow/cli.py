@@ -201,6 +201,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
     import platform
     import time
 
@@ -219,6 +220,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, device=device)
+    data = model.data
+    if args.mask_probability is not None:
+        if not 0 <= args.mask_probability <= 1:
+            raise ValueError(f"--mask-probability {args.mask_probability} must be in [0, 1]")
+        data = dataclasses.replace(data, mask_probability=args.mask_probability)
     cfg = FinetuneConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          t_start=args.t_start, n_steps_sample=args.n_steps_sample,
                          solver=args.solver)  # fmt: skip
@@ -228,7 +234,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     controlled = finetune_lens(
         model, args.signal, cfg, generator=torch.Generator(device).manual_seed(args.seed),
         device=device, progress=not args.quiet,
-        callback=lambda _step, loss: losses.append(loss),
+        callback=lambda _step, loss: losses.append(loss), data=data,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     k = max(1, len(losses) // 10)
@@ -239,6 +245,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         "device": hardware, "seed": args.seed,
         "loss_first10pct": sum(losses[:k]) / k, "loss_last10pct": sum(losses[-k:]) / k,
         "data": "data.SimulatedPairs over the model's PSF grid and depth ranges",
+        "data_config": dataclasses.asdict(data),
         "command": "lensflow " + " ".join(sys.argv[1:]),
     }  # fmt: skip
     status = args.status or (
@@ -632,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default sampler steps stored with the control (default: 40)")  # fmt: skip
     p.add_argument("--solver", default="euler", help="default sampler solver (default: euler)")
     p.add_argument("--status", help="status label (default: provisional: CPU-trained on CPU)")
+    p.add_argument("--mask-probability", type=float, default=None, metavar="P",
+                   help="fraction of training lenses with random likelihood masks "
+                   "(default: the model's own training setting)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of data, times and noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -146,6 +146,11 @@ class DataConfig:
         background_rms_max: Largest background RMS per pixel, image units.
         exposure_time_min_s: Shortest exposure for the Poisson term, s.
         exposure_time_max_s: Longest exposure for the Poisson term, s.
+        mask_probability: Fraction of examples that get a random likelihood mask
+            (``data.random_masks``: up to three discs, as for neighbours and stars, plus
+            scattered bad pixels), so the model learns to handle masked cutouts; 0 keeps
+            every pixel (and the random stream of models trained before masks existed).
+        mask_max_fraction: Largest masked fraction of an image's pixels (discs and bad pixels).
     """
 
     psf_fwhm_min_arcsec: float = 0.16
@@ -155,9 +160,13 @@ class DataConfig:
     background_rms_max: float = 0.005
     exposure_time_min_s: float = 1500.0
     exposure_time_max_s: float = 3000.0
+    mask_probability: float = 0.0
+    mask_max_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         checks = {
+            "mask_probability": 0.0 <= self.mask_probability <= 1.0,
+            "mask_max_fraction": 0.0 < self.mask_max_fraction < 1.0,
             "psf_fwhm_min_arcsec": 0 < self.psf_fwhm_min_arcsec <= self.psf_fwhm_max_arcsec,
             "n_psf_grid": self.n_psf_grid >= 1,
             "background_rms_min": 0 < self.background_rms_min <= self.background_rms_max,

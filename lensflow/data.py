@@ -54,6 +54,7 @@ __all__ = [
     "SimulatedPairs",
     "network_input",
     "observation_input",
+    "random_masks",
     "write_pairs",
 ]
 
@@ -161,6 +162,8 @@ class Pairs:
         psf_fwhm_arcsec: PSF FWHM, shape ``(B,)``, arcsec.
         background_rms: Background RMS, shape ``(B,)``, image units.
         exposure_time_s: Exposure time, shape ``(B,)``, s.
+        mask: Likelihood mask, bool, shape ``(B, H, W)``, True where the pixel is used;
+            ``None`` means every pixel is used.
     """
 
     theta: Tensor
@@ -170,13 +173,75 @@ class Pairs:
     psf_fwhm_arcsec: Tensor
     background_rms: Tensor
     exposure_time_s: Tensor
+    mask: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.theta.shape[0])
 
     def select(self, index: Tensor) -> Pairs:
         """The examples at ``index`` (a ``(K,)`` integer tensor), as new ``Pairs``."""
-        return Pairs(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Pairs(**{k: None if v is None else v[index] for k, v in fields.items()})
+
+
+def random_masks(
+    n: int,
+    shape: tuple[int, int],
+    *,
+    probability: float,
+    max_fraction: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Random likelihood masks like those of real cutouts: neighbours, stars, bad pixels.
+
+    Each image is masked with probability ``probability``. A masked image gets one to
+    three discs (uniform centres anywhere in the image, radii uniform up to the radius at
+    which three discs cover ``max_fraction / 2`` of the image) and scattered bad pixels
+    (each pixel with probability uniform in ``[0, max_fraction / 10]``), so the masked
+    fraction stays below ``max_fraction`` (discs may overlap).
+
+    Args:
+        n: Number of masks.
+        shape: Image shape ``(H, W)``, pixels.
+        probability: Chance that an image is masked at all, in ``[0, 1]``.
+        max_fraction: Bound on the masked fraction, in ``(0, 1)``.
+        generator: Torch generator on ``device``.
+        device: Device of the masks.
+
+    Returns:
+        Bool masks, shape ``(n, H, W)``, True where the pixel is used.
+
+    Example:
+        >>> m = random_masks(4, (32, 32), probability=1.0, max_fraction=0.2,
+        ...                  generator=torch.Generator().manual_seed(0))
+        >>> m.shape, bool((1 - m.float().mean(dim=(1, 2)) <= 0.2).all())
+        (torch.Size([4, 32, 32]), True)
+    """
+    if not 0.0 <= probability <= 1.0 or not 0.0 < max_fraction < 1.0:
+        raise ValueError(
+            f"need 0 <= probability <= 1 and 0 < max_fraction < 1, got {probability}, "
+            f"{max_fraction}"
+        )
+    h, w = shape
+
+    def rand(*size: int) -> Tensor:
+        return torch.rand(size, generator=generator, device=device)
+
+    r_max = math.sqrt(max_fraction / 2 * h * w / (3 * math.pi))
+    centres_y, centres_x = rand(n, 3) * h - 0.5, rand(n, 3) * w - 0.5
+    radii = rand(n, 3) * r_max
+    n_discs = 1 + (rand(n) * 3).long().clamp_max(2)
+    active = torch.arange(3, device=device)[None] < n_discs[:, None]  # (n, 3)
+    yy = torch.arange(h, device=device, dtype=torch.float32)[:, None]
+    xx = torch.arange(w, device=device, dtype=torch.float32)[None, :]
+    d2 = (yy[None, None] - centres_y[..., None, None]) ** 2 + (
+        xx[None, None] - centres_x[..., None, None]
+    ) ** 2  # (n, 3, H, W)
+    discs = ((d2 <= radii[..., None, None] ** 2) & active[..., None, None]).any(dim=1)
+    bad = rand(n, h, w) < rand(n)[:, None, None] * (max_fraction / 10)
+    masked = rand(n) < probability
+    return ~((discs | bad) & masked[:, None, None])
 
 
 def _log_uniform(
@@ -259,15 +324,22 @@ class SimulatedPairs:
         eps = torch.randn(model.shape, generator=generator, dtype=model.dtype, device=model.device)
         image = model + sigma * eps
         fwhm = torch.tensor(self.psf_grid_arcsec, dtype=self.dtype, device=self.device)[k]
+        dc = self.data_config
+        if dc.mask_probability > 0:  # drawn last: without masks the random stream is unchanged
+            mask = random_masks(n, image.shape[1:], probability=dc.mask_probability,
+                                max_fraction=dc.mask_max_fraction, generator=generator,
+                                device=self.device)  # fmt: skip
+        else:
+            mask = torch.ones_like(image, dtype=torch.bool)
         x = network_input(
             image,
             sigma,
-            torch.ones_like(image, dtype=torch.bool),
+            mask,
             fwhm,
             pixel_scale_arcsec=self.simulator_config.pixel_scale_arcsec,
-            reference_rms=self.data_config.reference_rms,
+            reference_rms=dc.reference_rms,
         )
-        return Pairs(theta, x, image, sigma, fwhm, rms, exposure)
+        return Pairs(theta, x, image, sigma, fwhm, rms, exposure, mask)
 
 
 _FIELDS = ("theta", "image", "sigma", "psf_fwhm_arcsec", "background_rms", "exposure_time_s")
@@ -308,10 +380,12 @@ def write_pairs(
         f.attrs["names"] = json.dumps(list(NAMES))
         f.attrs["simulator"] = json.dumps(dataclasses.asdict(source.simulator_config), default=str)
         f.attrs["data"] = json.dumps(dataclasses.asdict(source.data_config))
+        f.create_dataset("mask", shape=(n, h, w), dtype="bool")
         for start in range(0, n, chunk):
             batch = source.sample(min(chunk, n - start), generator=generator)
             for name in _FIELDS:
                 f[name][start : start + len(batch)] = getattr(batch, name).float().cpu().numpy()
+            f["mask"][start : start + len(batch)] = batch.mask.cpu().numpy()
     return path
 
 
@@ -339,6 +413,8 @@ class H5Pairs:
                 sim = json.loads(f.attrs["simulator"])
                 data = json.loads(f.attrs["data"])
                 arrays = {name: np.asarray(f[name]) for name in _FIELDS}
+                # Files written before masks existed have none: every pixel used.
+                stored_mask = np.asarray(f["mask"]) if "mask" in f else None
         except (OSError, KeyError) as err:
             raise ValueError(f"{path}: not a lensflow pairs file ({err})") from None
         if names != NAMES:
@@ -348,16 +424,21 @@ class H5Pairs:
         self.data_config = DataConfig(**data)
         self.path = path
         t = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in arrays.items()}
+        mask = (
+            torch.ones_like(t["image"], dtype=torch.bool)
+            if stored_mask is None
+            else torch.as_tensor(stored_mask, device=device)
+        )
         x = network_input(
             t["image"],
             t["sigma"],
-            torch.ones_like(t["image"], dtype=torch.bool),
+            mask,
             t["psf_fwhm_arcsec"],
             pixel_scale_arcsec=self.simulator_config.pixel_scale_arcsec,
             reference_rms=self.data_config.reference_rms,
         )
         self.pairs = Pairs(t["theta"], x, t["image"], t["sigma"], t["psf_fwhm_arcsec"],
-                           t["background_rms"], t["exposure_time_s"])  # fmt: skip
+                           t["background_rms"], t["exposure_time_s"], mask)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.pairs)

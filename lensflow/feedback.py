@@ -56,7 +56,7 @@ from lensflow.solvers import SOLVERS, get_solver
 
 if TYPE_CHECKING:
     from lensflow.checkpoint import TrainedPosterior
-    from lensflow.config import SimulatorConfig
+    from lensflow.config import DataConfig, SimulatorConfig
     from lensflow.observation import Observation
 
 __all__ = [
@@ -859,6 +859,7 @@ def finetune_lens(
     model: TrainedPosterior, kind: str, cfg: FinetuneConfig | None = None, *,
     generator: torch.Generator | None = None, device: torch.device | str = "cpu",
     progress: bool = False, callback: Callable[[int, float], None] | None = None,
+    data: DataConfig | None = None,
 ) -> ControlledPosterior:  # fmt: skip
     """Finetune a lens control network on simulated lenses spanning the model's data ranges.
 
@@ -878,6 +879,9 @@ def finetune_lens(
         device: Device of simulation and training.
         progress: Show a tqdm progress bar.
         callback: Called as ``callback(step, loss)`` after every step.
+        data: Seeing, depth and mask ranges of the training lenses (default: the model's
+            own, ``model.data``); e.g. with ``mask_probability > 0`` the control net learns
+            masked cutouts, whose masked pixels the cost leaves out.
 
     Returns:
         The controlled posterior (on ``device``, ``eval`` mode); its signal's cost holds the
@@ -887,7 +891,7 @@ def finetune_lens(
     from lensflow.simulator import LensSimulator, gaussian_psf, pool_psf
 
     base = copy.deepcopy(model.posterior).to(device)
-    source = SimulatedPairs(model.simulator, model.data, device=device)
+    source = SimulatedPairs(model.simulator, data or model.data, device=device)
     transform = base.transform
     grid = torch.tensor(source.psf_grid_arcsec, device=device)
     up, scale = model.simulator.upsample_factor, model.simulator.pixel_scale_arcsec
@@ -904,7 +908,8 @@ def finetune_lens(
     def draw(batch_size: int, gen: torch.Generator | None = None) -> FeedbackBatch:
         p = source.sample(batch_size, generator=gen)
         key = (p.psf_fwhm_arcsec[:, None] - grid[None].to(p.psf_fwhm_arcsec)).abs().argmin(1)
-        return FeedbackBatch(transform.to_u(p.theta), p.x, ObservedData(p.image, p.sigma, key=key))
+        obs = ObservedData(p.image, p.sigma, mask=p.mask, key=key)  # masks: DataConfig
+        return FeedbackBatch(transform.to_u(p.theta), p.x, obs)
 
     return finetune(base, signal, draw, cfg, generator=generator, progress=progress,
                     callback=callback)  # fmt: skip

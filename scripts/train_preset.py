@@ -27,6 +27,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--base-channels", type=int, default=FlowConfig().base_channels)
+    p.add_argument("--mask-probability", type=float, default=0.0,
+                   help="fraction of training images with random likelihood masks "
+                   "(DataConfig.mask_probability; the shipped CPU models used 0)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stop-at-step", type=int, default=None)
@@ -34,7 +37,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    sim, data = preset(args.preset), data_preset(args.preset)
+    sim = preset(args.preset)
+    data = dataclasses.replace(data_preset(args.preset), mask_probability=args.mask_probability)
     flow = FlowConfig(base_channels=args.base_channels)
     train = TrainConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         val_every=250, checkpoint_every=250, seed=args.seed)  # fmt: skip

@@ -10,6 +10,7 @@ from lensflow.data import (
     SimulatedPairs,
     network_input,
     observation_input,
+    random_masks,
     write_pairs,
 )
 from lensflow.mocks import write_mock_fits
@@ -97,3 +98,40 @@ def test_h5_pairs_round_trip(pairs, tmp_path):
     assert stored.sample(3, generator=torch.Generator().manual_seed(0)).x.shape == (3, 4, 16, 16)
     with pytest.raises(ValueError, match="not a lensflow pairs file"):
         H5Pairs(tmp_path / "missing.h5")
+
+
+def test_random_masks_probability_fraction_and_shapes():
+    g = torch.Generator().manual_seed(0)
+    m = random_masks(2000, (20, 24), probability=0.3, max_fraction=0.15, generator=g)
+    assert m.shape == (2000, 20, 24) and m.dtype == torch.bool
+    masked_fraction = 1 - m.float().mean(dim=(1, 2))
+    has_mask = masked_fraction > 0
+    # 30% of images are masked (binomial sd 1%); none loses more than 15% of its pixels.
+    assert abs(has_mask.float().mean().item() - 0.3) < 0.04
+    assert masked_fraction.max() <= 0.15
+    assert masked_fraction[has_mask].mean() > 0.01  # the discs are not negligible
+    assert random_masks(5, (8, 8), probability=0.0, max_fraction=0.1).all()
+    with pytest.raises(ValueError, match="max_fraction"):
+        random_masks(1, (8, 8), probability=0.5, max_fraction=1.0)
+
+
+def test_masked_pairs_zero_the_input_and_round_trip(tmp_path):
+    data = DataConfig(psf_fwhm_min_arcsec=0.4, psf_fwhm_max_arcsec=0.6, n_psf_grid=2,
+                      mask_probability=1.0)  # fmt: skip
+    masked = SimulatedPairs(TINY, data)
+    batch = masked.sample(6, generator=torch.Generator().manual_seed(1))
+    assert (~batch.mask).any(dim=(1, 2)).all()  # every example is masked somewhere
+    assert (batch.x[:, 2] == batch.mask.float()).all()  # channel 2 is the mask
+    assert (batch.x.transpose(0, 1)[:, ~batch.mask] == 0).all()  # masked pixels are zero
+    assert batch.select(torch.tensor([4, 1])).mask.shape == (2, 16, 16)
+    # Without masking the random stream is unchanged (models trained before masks existed).
+    plain = SimulatedPairs(TINY, TINY_DATA).sample(6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(plain.image, batch.image, rtol=0, atol=0)
+    assert plain.mask.all()
+    path = write_pairs(
+        tmp_path / "masked.h5", masked, 6, generator=torch.Generator().manual_seed(1)
+    )
+    stored = H5Pairs(path)
+    assert stored.data_config.mask_probability == 1.0
+    assert torch.equal(stored.pairs.mask, batch.mask)
+    torch.testing.assert_close(stored.pairs.x, batch.x, rtol=0, atol=0)

@@ -233,10 +233,12 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     assert err.startswith("lensflow: error: no learned control net for model.json; available: "
                           "none") and len(err.strip().splitlines()) == 1  # fmt: skip
     assert main(["finetune", "--model", str(run), "--signal", "learned", "--out", str(run),
-                 "--steps", "2", "--batch-size", "2", "--seed", "3", "--quiet"]) == 0  # fmt: skip
+                 "--steps", "2", "--batch-size", "2", "--seed", "3", "--quiet",
+                 "--mask-probability", "0.5"]) == 0  # fmt: skip
     assert "learned control net (" in capsys.readouterr().out
     meta = json.loads((run / "model-learned.json").read_text())
     assert meta["signal_kind"] == "learned" and meta["preset"] == "tiny"
+    assert meta["training"]["data_config"]["mask_probability"] == 0.5
     assert meta["training"]["steps"] == 2 and meta["status"] == "provisional: CPU-trained"
     assert meta["n_parameters"] > 0 and meta["base"] == str((run / "model.json").resolve())
     assert main(["sample", str(fits_path), "--model", str(run), "-n", "5", "--out",
@@ -244,3 +246,6 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     assert "feedback: learned feedback" in capsys.readouterr().out
     assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
                  "--steps", "0"]) == 2  # fmt: skip
+    assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
+                 "--mask-probability", "1.5"]) == 2  # fmt: skip
+    assert "--mask-probability 1.5 must be in [0, 1]" in capsys.readouterr().err
