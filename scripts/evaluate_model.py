@@ -37,7 +37,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from typing import Any
@@ -47,7 +46,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lensflow.checkpoint import TrainedPosterior, load_model
-from lensflow.data import Pairs, SimulatedPairs, network_input
+from lensflow.data import Pairs, SimulatedPairs
 from lensflow.metrics import interval_coverage, tarp_coverage
 from lensflow.params import REGISTRY
 from lensflow.simulator import chi2
@@ -102,36 +101,6 @@ def reduced_chi2(
         )
         out.append(chi2(model, image[i : i + chunk], sigma[i : i + chunk]) / n_pix)
     return torch.cat(out, dim=1)
-
-
-def lenstronomy_pairs(source: SimulatedPairs, test: Pairs, numerics: str = "matched") -> Pairs:
-    """The same lenses rendered by lenstronomy, with the same PSF, depth and noise draws.
-
-    ``numerics="independent"`` renders with lenstronomy's own numerics (6-fold supersampling,
-    native-pixel convolution with the pixel-integrated PSF), not the simulator's.
-    """
-    from lensflow.baselines.lenstronomy import render_lenstronomy
-
-    k = psf_index(source, test.psf_fwhm_arcsec)
-    model_c = noiseless(source, test.theta, k)
-    eps = (test.image - model_c) / test.sigma  # the standard-normal draws of the test set
-    model_l = torch.zeros_like(model_c)
-    for i, fwhm in enumerate(source.psf_grid_arcsec):
-        chosen = (k == i).nonzero().flatten()
-        if chosen.numel():
-            cfg = dataclasses.replace(source.simulator_config, psf_fwhm_arcsec=fwhm)
-            rendered = render_lenstronomy(test.theta[chosen].double(), cfg, numerics=numerics)
-            model_l[chosen] = torch.as_tensor(rendered, dtype=model_c.dtype)
-    rms, exposure = test.background_rms[:, None, None], test.exposure_time_s[:, None, None]
-    sigma = (rms**2 + model_l.clamp_min(0) / exposure).sqrt()
-    image = model_l + sigma * eps
-    x = network_input(
-        image, sigma, torch.ones_like(image, dtype=torch.bool), test.psf_fwhm_arcsec,
-        pixel_scale_arcsec=source.simulator_config.pixel_scale_arcsec,
-        reference_rms=source.data_config.reference_rms,
-    )  # fmt: skip
-    return Pairs(test.theta, x, image, sigma, test.psf_fwhm_arcsec, test.background_rms,
-                 test.exposure_time_s)  # fmt: skip
 
 
 def summarize(
@@ -257,7 +226,7 @@ def main() -> None:
         p.error("need --n-lenses >= 2, --n-samples >= 2 and 0 <= --lenstronomy <= --n-lenses")
     torch.set_num_threads(args.threads)
     if args.lenstronomy:  # import now: a late import could meet files other work is editing
-        import lensflow.baselines.lenstronomy  # noqa: F401
+        from lensflow.baselines.lenstronomy import lenstronomy_pairs
 
     model = load_model(args.model)
     source = SimulatedPairs(model.simulator, model.data)

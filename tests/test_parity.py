@@ -20,6 +20,7 @@ from lensflow.baselines.lenstronomy import (
     LenstronomyKwargs,
     from_lenstronomy,
     image_model,
+    lenstronomy_pairs,
     psf_pad_pix,
     render_lenstronomy,
     to_lenstronomy,
@@ -188,6 +189,37 @@ def test_render_lenstronomy_independent_numerics_is_the_same_model_discretized_o
     assert 1e-3 < worst < 0.1
     with pytest.raises(ValueError, match="numerics must be one of matched, independent"):
         render_lenstronomy(theta, config, numerics="exact")
+
+
+def test_lenstronomy_pairs_keep_the_lenses_and_noise_draws():
+    from lensflow.config import DataConfig
+    from lensflow.data import SimulatedPairs
+
+    config = SimulatorConfig(n_pix=24, pixel_scale_arcsec=0.1, upsample_factor=2)
+    source = SimulatedPairs(config, DataConfig(n_psf_grid=2, mask_probability=0.5))
+    pairs = source.sample(6, generator=torch.Generator().manual_seed(5))
+    matched = lenstronomy_pairs(source, pairs)
+    # Matched numerics: the same images up to float32 round-off, so the same inputs.
+    peak = pairs.image.abs().amax(dim=(1, 2), keepdim=True)
+    assert ((matched.image - pairs.image).abs() / peak).max() < 1e-5
+    torch.testing.assert_close(matched.x, pairs.x, rtol=1e-4, atol=1e-4)
+    assert torch.equal(matched.theta, pairs.theta) and torch.equal(matched.mask, pairs.mask)
+    # Independent numerics: other images, with the same noise draws.
+    other = lenstronomy_pairs(source, pairs, "independent")
+    assert ((other.image - pairs.image).abs() / peak).max() > 1e-3
+    clean = torch.as_tensor(
+        render_lenstronomy(
+            pairs.theta.double(),
+            dataclasses.replace(config, psf_fwhm_arcsec=source.psf_grid_arcsec[0]),
+            numerics="independent",
+        )
+    )
+    first = pairs.psf_fwhm_arcsec == source.psf_grid_arcsec[0]
+    assert first.any()
+    sim = source.simulators[0](pairs.theta)
+    eps_other = (other.image - clean.float()) / other.sigma
+    eps_pairs = (pairs.image - sim) / pairs.sigma
+    torch.testing.assert_close(eps_other[first], eps_pairs[first], rtol=0, atol=1e-3)
 
 
 # --- conventions, one at a time --------------------------------------------------------------

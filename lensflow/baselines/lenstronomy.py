@@ -53,6 +53,7 @@ __all__ = [
     "fitting_sequence",
     "from_lenstronomy",
     "image_model",
+    "lenstronomy_pairs",
     "likelihood_mask",
     "native_psf",
     "psf_pad_pix",
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 import contextlib
+import dataclasses
 import io
 import math
 import re
@@ -77,6 +79,7 @@ from torch import Tensor
 
 from lensflow.baselines.mcmc import EnsembleDiagnostics, ensemble_diagnostics
 from lensflow.config import SimulatorConfig
+from lensflow.data import Pairs, SimulatedPairs, network_input
 from lensflow.observation import Observation
 from lensflow.params import NAMES, REGISTRY, ParamSpec
 from lensflow.sampling import PosteriorSamples
@@ -368,6 +371,46 @@ def render_lenstronomy(
             full = model.image(kw.kwargs_lens, kw.kwargs_source, kw.kwargs_lens_light)
             images[b] = full[n_pad : n_pad + n, n_pad : n_pad + n]
     return images[0] if values.ndim == 1 else images
+
+
+def lenstronomy_pairs(source: SimulatedPairs, pairs: Pairs, numerics: str = "matched") -> Pairs:
+    """The same simulated lenses rendered by lenstronomy, with the same noise draws.
+
+    Each lens keeps its parameters, PSF FWHM, background RMS, exposure time and the
+    standard-normal draws of its noise (recovered from ``pairs``' caustics image); only the
+    noiseless model is lenstronomy's. Used for cross-simulator checks of trained models.
+
+    Args:
+        source: The generator of ``pairs`` (its simulators, PSF grid and data ranges).
+        pairs: Simulated lenses from ``source``, ``B`` of them.
+        numerics: ``"matched"`` or ``"independent"`` (see :func:`image_model`).
+
+    Returns:
+        New ``Pairs`` with lenstronomy images, their noise maps and network inputs; the
+        masks of ``pairs`` are kept.
+    """
+    grid = torch.tensor(source.psf_grid_arcsec, dtype=pairs.psf_fwhm_arcsec.dtype)
+    k = (pairs.psf_fwhm_arcsec[:, None].cpu() - grid[None]).abs().argmin(dim=1)
+    model_c = torch.zeros_like(pairs.image)
+    model_l = torch.zeros_like(pairs.image)
+    for i, (fwhm, sim) in enumerate(zip(source.psf_grid_arcsec, source.simulators, strict=True)):
+        chosen = (k == i).nonzero().flatten().to(pairs.image.device)
+        if chosen.numel():
+            model_c[chosen] = sim(pairs.theta[chosen]).to(model_c)
+            cfg = dataclasses.replace(source.simulator_config, psf_fwhm_arcsec=fwhm)
+            rendered = render_lenstronomy(pairs.theta[chosen].double(), cfg, numerics=numerics)
+            model_l[chosen] = torch.as_tensor(rendered).to(model_l)
+    eps = (pairs.image - model_c) / pairs.sigma  # the standard-normal draws of the lenses
+    rms, exposure = pairs.background_rms[:, None, None], pairs.exposure_time_s[:, None, None]
+    sigma = (rms**2 + model_l.clamp_min(0) / exposure).sqrt()
+    image = model_l + sigma * eps
+    mask = pairs.mask if pairs.mask is not None else torch.ones_like(image, dtype=torch.bool)
+    x = network_input(
+        image, sigma, mask, pairs.psf_fwhm_arcsec,
+        pixel_scale_arcsec=source.simulator_config.pixel_scale_arcsec,
+        reference_rms=source.data_config.reference_rms,
+    )  # fmt: skip
+    return dataclasses.replace(pairs, x=x, image=image, sigma=sigma)
 
 
 # --- the lenstronomy + emcee baseline -------------------------------------------------------
