@@ -167,6 +167,8 @@ def main() -> None:
     )  # fmt: skip
     started = time.perf_counter()
 
+    git = _git_sha()  # the code this process runs (HEAD may move while it runs)
+
     def write(result: BenchResult) -> None:
         row = {
             "task": result.task, "n_simulations": result.n_simulations,
@@ -177,7 +179,7 @@ def main() -> None:
             "finetune_sim_calls": result.finetune_sim_calls,
             "total_s": time.perf_counter() - started, "n_epochs": result.n_epochs,
             "seed": args.seed, "threads": args.threads, "config": vars(cfg) | {},
-            "lensflow": __version__, "git": _git_sha(), "host": platform.processor()
+            "lensflow": __version__, "git": git, "host": platform.processor()
             or platform.machine(), "cpus": os.cpu_count(),
         }  # fmt: skip
         if args.feedback:
