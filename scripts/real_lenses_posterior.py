@@ -104,7 +104,8 @@ def run_one(
         padded = min(obs.fov_arcsec) < fov - 1e-6
         cut = cut_to_fov(obs, sim_cfg, use_padding=padded)
     start = time.perf_counter()
-    post = sample_posterior(cut, model, args.n, feedback="none", seed=args.seed)  # base flow
+    post = sample_posterior(cut, model, args.n, feedback=args.feedback, seed=args.seed,
+                            n_steps=args.n_steps)  # fmt: skip
     seconds = time.perf_counter() - start
     theta = post.theta.double()
     finite = torch.isfinite(theta).all(-1)
@@ -123,10 +124,13 @@ def run_one(
     fig = None
     if args.fig_dir is not None:
         args.fig_dir.mkdir(parents=True, exist_ok=True)
-        fig = _residual_figure(cut, median_image, args.fig_dir / f"real_{_slug(label)}.png",
-                               f"{label} ({model_name} model)")  # fmt: skip
+        suffix = "" if post.method == "flow" else f"_{post.method.replace('+', '_')}"
+        fig = _residual_figure(cut, median_image,
+                               args.fig_dir / f"real_{_slug(label)}{suffix}.png",
+                               f"{label} ({model_name} model, {post.method})")  # fmt: skip
     return {
-        "label": label, "model": model_name, "pixel_scale_arcsec": cut.pixel_scale_arcsec,
+        "label": label, "model": model_name, "method": post.method,
+        "pixel_scale_arcsec": cut.pixel_scale_arcsec,
         "input_pixel_scale_arcsec": obs.pixel_scale_arcsec, "padded": padded,
         "psf_fwhm_arcsec": cut.psf_fwhm_arcsec, "median_sigma": float(cut.sigma[cut.mask].median()),
         "n_unmasked": n_used, "n_samples": args.n, "n_nonfinite": int((~finite).sum()),
@@ -147,6 +151,10 @@ def main() -> None:
     p.add_argument("-n", type=int, default=1000, help="posterior samples per lens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chi2-samples", type=int, default=20)
+    p.add_argument("--feedback", default="none", choices=["none", "auto", "gradient", "learned"],
+                   help="simulator feedback (default none: the base flow; auto uses a "
+                   "model's control net where one is shipped)")  # fmt: skip
+    p.add_argument("--n-steps", type=int, help="ODE steps (default: the sampler's own)")
     p.add_argument("--hst-model", default="hst", help="shipped preset or checkpoint path")
     p.add_argument("--euclid-model", default="euclid")
     p.add_argument("--only", help="run only systems whose label contains this text")
@@ -165,31 +173,31 @@ def main() -> None:
         except CheckpointError as err:
             models[name] = str(err)
     rows: list[dict[str, Any]] = []
-    print("| system | model | theta_E median [16-84%] (arcsec) | SOURCES.md theta_E (arcsec) | "
-          "reduced chi2 at median / mean of samples | figure |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("| system | model | method | theta_E median [16-84%] (arcsec) | SOURCES.md theta_E "
+          "(arcsec) | reduced chi2 at median / mean of samples | s | figure |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for label, image, kwargs, model_name, ref, note in SYSTEMS:
         if args.only and args.only not in label:
             continue
         model = models[model_name]
         if not (args.root / image).is_file():
-            print(f"| {label} | - | skipped: {image} not found | | | |")
+            print(f"| {label} | - | - | skipped: {image} not found | | | | |")
             continue
         if isinstance(model, str):
-            print(f"| {label} | {model_name} | skipped: {model} | | | |")
+            print(f"| {label} | {model_name} | - | skipped: {model} | | | | |")
             continue
         try:
             row = run_one(label, image, kwargs, model, model_name, args)
         except (ObservationError, ValueError) as err:
-            print(f"| {label} | {model_name} | skipped: {err} | | | |")
+            print(f"| {label} | {model_name} | - | skipped: {err} | | | | |")
             continue
         row["reference_theta_e"], row["reference_note"] = ref, note
         rows.append(row)
         ref_text = f"{ref:.3f} ({note})" if ref is not None else note
-        print(f"| {label} | {model_name} | {row['theta_e_median']:.3f} "
+        print(f"| {label} | {model_name} | {row['method']} | {row['theta_e_median']:.3f} "
               f"[{row['theta_e_p16']:.3f}-{row['theta_e_p84']:.3f}] | {ref_text} | "
               f"{row['reduced_chi2_median']:.2f} / {row['reduced_chi2_samples_mean']:.2f} | "
-              f"{row['figure'] or '-'} |", flush=True)  # fmt: skip
+              f"{row['sampling_s']:.0f} | {row['figure'] or '-'} |", flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
