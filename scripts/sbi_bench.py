@@ -123,7 +123,7 @@ def render_table(paths: list[Path]) -> str:
             f"| {r['task']} | {r['n_simulations']:.0e} | {r['method']} | {_sampler(r)} | "
             f"{c.mean():.3f} ± {std:.3f} | {c.min():.3f}–{c.max():.3f} | {obs_txt} | "
             f"{r['n_epochs']} | {r['train_s']:.0f} | {r['score_s']:.0f} | "
-            f"{r.get('sim_calls_per_sample', 0)} | {published:.2f} (published) |"
+            f"{r.get('sim_calls_per_sample', 0)} | {published:.3f} (published) |"
         )
     return "\n".join(lines)
 

@@ -241,3 +241,5 @@ def test_table_joins_observation_splits_per_sampler(tmp_path):
     assert "| 0.700 ± 0.141 | 0.600–0.800 | 1–2 |" in joined and "| 5 |" in joined
     gradient = next(line for line in table if "flow+gradient" in line)
     assert "| 0.600 ± 0.071 |" in gradient and "| 8 |" in gradient
+    # The published sbibm NPE number of the same task and budget (sir, 10^3).
+    assert all(line.endswith("| 0.815 (published) |") for line in table[2:])
