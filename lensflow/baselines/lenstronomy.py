@@ -291,30 +291,23 @@ def image_model(
             "supersampling_factor": INDEPENDENT_SUPERSAMPLING,
             "supersampling_convolution": False,
         }
-        return ImageModel(
-            ImageData(**kwargs_data),
-            psf,
-            LensModel(_PROFILES["kwargs_lens"]),
-            LightModel(_PROFILES["kwargs_source"]),
-            LightModel(_PROFILES["kwargs_lens_light"]),
-            kwargs_numerics=kwargs_numerics,
-        )
-    up = config.upsample_factor
-    fine = fine_psf(config, psf_kernel).numpy()
-    if fine.shape == (1, 1):
-        psf = PSF(psf_type="NONE")
     else:
-        psf = PSF(
-            psf_type="PIXEL",
-            kernel_point_source=fine,
-            point_source_supersampling_factor=up,
-        )
-    kwargs_numerics = {
-        "supersampling_factor": up,
-        "supersampling_convolution": up > 1,
-        # Convolve with the whole fine kernel, as caustics does (default: central 5 px).
-        "supersampling_kernel_size": None,
-    }
+        up = config.upsample_factor
+        fine = fine_psf(config, psf_kernel).numpy()
+        if fine.shape == (1, 1):
+            psf = PSF(psf_type="NONE")
+        else:
+            psf = PSF(
+                psf_type="PIXEL",
+                kernel_point_source=fine,
+                point_source_supersampling_factor=up,
+            )
+        kwargs_numerics = {
+            "supersampling_factor": up,
+            "supersampling_convolution": up > 1,
+            # Convolve with the whole fine kernel, as caustics does (default: central 5 px).
+            "supersampling_kernel_size": None,
+        }
     return ImageModel(
         ImageData(**kwargs_data),
         psf,
