@@ -128,6 +128,41 @@ def render_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def render_paired(paths: list[Path]) -> str:
+    """Markdown table of paired differences C2ST(feedback variant) - C2ST(base flow).
+
+    Per task and budget, the base-flow row scored with the feedback runs' sampler (Euler 40)
+    is paired observation by observation with each feedback variant (same network, same
+    base noise); mean +/- std over the shared observations, and how many improved.
+    """
+    groups: dict[tuple, dict[str, dict[int, float]]] = {}
+    for r in merge_rows(paths):
+        if not _sampler(r).startswith("euler"):  # the feedback runs' sampler, paired rows
+            continue
+        by_obs = dict(zip(r["num_observations"], r["c2st"], strict=True))
+        groups.setdefault((r["task"], r["n_simulations"]), {})[r["method"]] = by_obs
+    lines = [
+        "| task | simulations | observations | flow+gradient | flow+learned | flow+zero |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (task, n), methods in sorted(groups.items()):
+        base = methods.get("flow")
+        if base is None or len(methods) < 2:
+            continue
+        cells = []
+        for method in ("flow+gradient", "flow+learned", "flow+zero"):
+            obs = sorted(set(base) & set(methods.get(method, {})))
+            if len(obs) < 2:
+                cells.append("-")
+                continue
+            d = torch.tensor([methods[method][o] - base[o] for o in obs])
+            better = int((d < -0.001).sum())
+            mean = f"{d.mean():+.3f}".replace("-", "\u2212")
+            cells.append(f"{mean} ± {d.std():.3f} ({better}/{len(obs)} better by > 0.001)")
+        lines.append(f"| {task} | {n:.0e} | {min(base)}–{max(base)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -151,9 +186,14 @@ def main() -> None:
     parser.add_argument("--n-sub", type=int, default=2,
                         help="RK4 steps per save interval of the feedback cost's ODE solve")  # fmt: skip
     parser.add_argument("--table", type=Path, nargs="+", help="render these JSON-lines files")
+    parser.add_argument("--paired", type=Path, nargs="+",
+                        help="render the paired feedback differences of these JSON-lines files")  # fmt: skip
     args = parser.parse_args()
     if args.table:
         print(render_table(args.table))
+        return
+    if args.paired:
+        print(render_paired(args.paired))
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

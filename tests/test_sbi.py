@@ -227,8 +227,8 @@ def test_table_joins_observation_splits_per_sampler(tmp_path):
         base | {"method": "flow", "c2st": [0.8], "num_observations": [1], "score_s": 2.0},
         base | {"method": "flow", "c2st": [0.6], "num_observations": [2], "score_s": 3.0},
         # The same network scored with the feedback sampler is a separate row.
-        base | {"method": "flow", "sampler": "euler 40", "c2st": [0.7],
-                "num_observations": [1], "score_s": 1.0},
+        base | {"method": "flow", "sampler": "euler 40", "c2st": [0.7, 0.8],
+                "num_observations": [1, 2], "score_s": 1.0},
         base | {"method": "flow+gradient", "sampler": "euler 40, control t > 0.8",
                 "c2st": [0.55, 0.65], "num_observations": [1, 2], "score_s": 4.0,
                 "sim_calls_per_sample": 8},
@@ -243,3 +243,9 @@ def test_table_joins_observation_splits_per_sampler(tmp_path):
     assert "| 0.600 ± 0.071 |" in gradient and "| 8 |" in gradient
     # The published sbibm NPE number of the same task and budget (sir, 10^3).
     assert all(line.endswith("| 0.815 (published) |") for line in table[2:])
+    # Paired differences: the Euler-40 base row against the variant, per observation.
+    # Gradient 0.55, 0.65 against the base's 0.70, 0.80: -0.15 on both observations.
+    paired = _bench_script().render_paired([path]).splitlines()
+    assert len(paired) == 3
+    assert paired[2] == ("| sir | 1e+03 | 1–2 | \u22120.150 ± 0.000 (2/2 better by > 0.001) | - "
+                         "| - |")  # fmt: skip
