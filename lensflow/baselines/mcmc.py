@@ -581,7 +581,9 @@ def run_nuts(
         init: Optional start, physical ``theta`` ``(D,)``; default: :func:`optimize_posterior`.
         init_scale: Standard deviation of each chain's jitter around the start, in the
             sampled (whitened) coordinates ``w``: about posterior standard deviations with
-            ``use_laplace_scaling``, prior standard deviations without.
+            ``use_laplace_scaling``, prior standard deviations without. A chain whose
+            jittered start has a non-finite log posterior is moved halfway back to the
+            start, up to 10 times.
         n_opt_steps: Adam steps of the optimizer when ``init`` is None.
         use_laplace_scaling: Sample ``w`` with ``u = u_start + S w``, ``S`` from the
             Hessian of the negative log density at the start (Laplace approximation,
@@ -620,7 +622,16 @@ def run_nuts(
     scale = scale.to(u_start)
     eps = torch.randn((n_chains, len(u_start)), generator=generator, dtype=torch.float64)
     w0 = init_scale * eps.to(u_start)
-    if not torch.isfinite(target(u_start + w0 @ scale.T)).all():
+    if not torch.isfinite(target(u_start[None])).all():
+        raise ValueError("non-finite initial log posterior at the start")
+    # A chain whose jitter lands where the simulator is not finite (flat Laplace directions
+    # reach far into the prior) is pulled halfway back to the start, up to 10 times.
+    for _ in range(10):
+        bad = ~torch.isfinite(target(u_start + w0 @ scale.T))
+        if not bad.any():
+            break
+        w0[bad] = 0.5 * w0[bad]
+    else:
         raise ValueError("non-finite initial log posterior for some chain")
 
     def potential_fn(params: dict[str, Tensor]) -> Tensor:
