@@ -2,17 +2,50 @@
 
 ``python -m lensflow.docs_table`` prints the registry table for docs/conventions.md;
 ``python -m lensflow.docs_table cli`` prints the command-line reference, docs/cli.md.
-tests/test_docs.py checks that the docs contain exactly this text.
+tests/test_docs.py checks that the docs contain exactly this text. ``replace_block`` puts
+generated text between two markers of a Markdown file (benchmark tables).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from lensflow.params import REGISTRY, ParamSpec
 
-__all__ = ["cli_markdown", "registry_markdown"]
+__all__ = ["cli_markdown", "registry_markdown", "replace_block"]
+
+
+def replace_block(path: str | Path, block: str, *, start: str, end: str) -> Path:
+    """Put ``block`` between the markers ``start`` and ``end`` of a Markdown file.
+
+    The markers and the block are appended if the file has neither marker.
+
+    Args:
+        path: The Markdown file (created if missing).
+        block: The generated text.
+        start: Opening marker line, e.g. ``"<!-- bench:start -->"``.
+        end: Closing marker line.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: If only one marker is present, or they are in the wrong order.
+    """
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    i, j = text.find(start), text.find(end)
+    if (i < 0) != (j < 0) or (i >= 0 and j < i):
+        raise ValueError(f"{path}: broken {start} / {end} markers")
+    new = f"{start}\n{block.rstrip()}\n{end}"
+    if i < 0:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + new + "\n"
+    else:
+        text = text[:i] + new + text[j + len(end) :]
+    path.write_text(text)
+    return path
 
 
 def registry_markdown(specs: Sequence[ParamSpec] = REGISTRY) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from lensflow import __version__
+from lensflow.docs_table import replace_block
 from lensflow.feedback import FinetuneConfig
 from lensflow.sbi import BenchConfig, BenchResult, get_task, run_benchmark
 from lensflow.sbi.control import run_feedback_benchmark
@@ -46,6 +47,10 @@ PUBLISHED_NPE = {
     "lotka_volterra": {1000: 0.999, 10000: 0.997, 100000: 0.981},
     "sir": {1000: 0.815, 10000: 0.680, 100000: 0.585},
 }
+
+
+#: Markers of the generated table in docs/sbi-benchmark.md (``--table ... --docs``).
+DOCS_MARKERS = ("<!-- sbi-bench:start -->", "<!-- sbi-bench:end -->")
 
 
 def _git_sha() -> str:
@@ -186,11 +191,17 @@ def main() -> None:
     parser.add_argument("--n-sub", type=int, default=2,
                         help="RK4 steps per save interval of the feedback cost's ODE solve")  # fmt: skip
     parser.add_argument("--table", type=Path, nargs="+", help="render these JSON-lines files")
+    parser.add_argument("--docs", type=Path, metavar="MD",
+                        help="with --table: also put the table between the "
+                        "<!-- sbi-bench:start/end --> markers of this Markdown file")  # fmt: skip
     parser.add_argument("--paired", type=Path, nargs="+",
                         help="render the paired feedback differences of these JSON-lines files")  # fmt: skip
     args = parser.parse_args()
     if args.table:
-        print(render_table(args.table))
+        table = render_table(args.table)
+        print(table)
+        if args.docs:
+            replace_block(args.docs, table, start=DOCS_MARKERS[0], end=DOCS_MARKERS[1])
         return
     if args.paired:
         print(render_paired(args.paired))

@@ -249,3 +249,19 @@ def test_table_joins_observation_splits_per_sampler(tmp_path):
     assert len(paired) == 3
     assert paired[2] == ("| sir | 1e+03 | 1–2 | \u22120.150 ± 0.000 (2/2 better by > 0.001) | - "
                          "| - |")  # fmt: skip
+
+
+def test_docs_table_is_the_rendering_of_the_shipped_rows():
+    # docs/sbi-benchmark.md's table is generated: --table docs/sbi-benchmark-results.jsonl
+    # --docs docs/sbi-benchmark.md must leave it unchanged.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "docs"
+    script = _bench_script()
+    table = script.render_table([root / "sbi-benchmark-results.jsonl"])
+    start, end = script.DOCS_MARKERS
+    text = (root / "sbi-benchmark.md").read_text()
+    assert f"{start}\n{table}\n{end}" in text, (
+        "regenerate with: python scripts/sbi_bench.py --table docs/sbi-benchmark-results.jsonl "
+        "--docs docs/sbi-benchmark.md"
+    )

@@ -40,6 +40,7 @@ from lensflow.baselines.bench import (
     judge_goals,
     stack_samples,
 )
+from lensflow.docs_table import replace_block
 
 #: Markers of the generated block in docs/benchmarks.md.
 DOCS_START, DOCS_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -240,18 +241,7 @@ def replace_docs_block(path: str | Path, block: str) -> Path:
     Raises:
         ValueError: If only one marker is present, or they are in the wrong order.
     """
-    path = Path(path)
-    text = path.read_text() if path.is_file() else ""
-    i, j = text.find(DOCS_START), text.find(DOCS_END)
-    if (i < 0) != (j < 0) or (i >= 0 and j < i):
-        raise ValueError(f"{path}: broken {DOCS_START} / {DOCS_END} markers")
-    new = f"{DOCS_START}\n{block.rstrip()}\n{DOCS_END}"
-    if i < 0:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + new + "\n"
-    else:
-        text = text[:i] + new + text[j + len(DOCS_END) :]
-    path.write_text(text)
-    return path
+    return replace_block(path, block, start=DOCS_START, end=DOCS_END)
 
 
 def write_figures(
