@@ -274,6 +274,25 @@ def test_lens_signal_ignores_masked_pixels():
     torch.testing.assert_close(r1, r2, rtol=0, atol=0)
 
 
+def test_gradient_signal_memory_bound_splits_rows_without_changing_features():
+    import dataclasses
+
+    from lensflow.feedback import GRADIENT_MEMORY_BYTES
+    from lensflow.simulator import gaussian_psf
+
+    cfg, obs, theta, tr = tiny_lens_observation()
+    cost, data = lens_cost(obs, cfg, tr)
+    # The bound follows the fine grid: a wider PSF kernel pads it and allows fewer rows.
+    wide = dataclasses.replace(obs, psf=gaussian_psf(0.3, 0.2, truncation=30).to(obs.psf))
+    cost_wide, _ = lens_cost(wide, cfg, tr)
+    assert 1 <= cost_wide.max_rows < cost.max_rows <= GRADIENT_MEMORY_BYTES
+    u = tr.to_u(theta).repeat(7, 1) + 0.05 * torch.randn(7, theta.shape[-1], dtype=theta.dtype)
+    rows = torch.zeros(7, dtype=torch.long)
+    whole = GradientSignal(cost, u.shape[-1])(u, data[rows])
+    cost.max_rows = 3  # 7 rows in parts of 3, 3 and 1
+    torch.testing.assert_close(GradientSignal(cost, u.shape[-1])(u, data[rows]), whole)
+
+
 def test_lens_cost_shares_simulators_and_keeps_row_order():
     import dataclasses
 
