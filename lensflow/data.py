@@ -295,6 +295,36 @@ class SimulatedPairs:
             for fwhm in self.psf_grid_arcsec
         ]
 
+    def psf_index(self, fwhm_arcsec: Tensor) -> Tensor:
+        """Index in ``psf_grid_arcsec`` (and ``simulators``) of the grid FWHM nearest each value.
+
+        Args:
+            fwhm_arcsec: PSF FWHM per example, shape ``(B,)``, arcsec.
+
+        Returns:
+            Long tensor ``(B,)`` on ``fwhm_arcsec``'s device.
+        """
+        grid = torch.tensor(self.psf_grid_arcsec, dtype=fwhm_arcsec.dtype,
+                            device=fwhm_arcsec.device)  # fmt: skip
+        return (fwhm_arcsec[:, None] - grid[None]).abs().argmin(dim=1)
+
+    def noiseless(self, theta: Tensor, index: Tensor) -> Tensor:
+        """Noiseless images of ``theta`` ``(B, D)``, row ``i`` by ``simulators[index[i]]``.
+
+        Args:
+            theta: Physical parameters, shape ``(B, D)``.
+            index: PSF-grid index per row (``psf_index``), long tensor ``(B,)``.
+
+        Returns:
+            Images in flux per pixel, shape ``(B, H, W)``, ``theta``'s dtype and device.
+        """
+        out = theta.new_zeros((theta.shape[0], *self.simulators[0].image_shape))
+        for i, sim in enumerate(self.simulators):
+            chosen = (index == i).nonzero().flatten()
+            if chosen.numel():
+                out[chosen] = sim(theta[chosen]).to(out)
+        return out
+
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Pairs:
         """Draw ``n`` fresh examples.
 
@@ -314,11 +344,7 @@ class SimulatedPairs:
                            self.data_config.background_rms_max, like, generator)  # fmt: skip
         exposure = _log_uniform(n, self.data_config.exposure_time_min_s,
                                 self.data_config.exposure_time_max_s, like, generator)  # fmt: skip
-        model = theta.new_zeros((n, *self.simulators[0].image_shape))
-        for i, sim in enumerate(self.simulators):
-            chosen = (k == i).nonzero().flatten()
-            if chosen.numel():
-                model[chosen] = sim(theta[chosen])
+        model = self.noiseless(theta, k)
         var = rms[:, None, None] ** 2 + model.clamp_min(0) / exposure[:, None, None]
         sigma = var.sqrt()
         eps = torch.randn(model.shape, generator=generator, dtype=model.dtype, device=model.device)

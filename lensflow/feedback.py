@@ -300,7 +300,7 @@ def lens_cost(
     # Memory of one differentiated image: about GRADIENT_BYTES_PER_FINE_PIXEL per float32
     # pixel of the PSF-padded supersampled grid (measured 245-346; 64 rows of a 100 x 100
     # image with a 61 x 61 PSF kernel keep 1.5 GB for the backward pass).
-    n_fine = max(s.config.n_pix * s.config.upsample_factor + s.psf.shape[0] - 1 for s in sims)
+    n_fine = max(s.fine_grid_side for s in sims)
     per_row = n_fine**2 * GRADIENT_BYTES_PER_FINE_PIXEL * torch.finfo(dtype).bits // 32
     max_rows = max(1, GRADIENT_MEMORY_BYTES // per_row)
     return GaussianCost(forward, transform, max_rows=max_rows), data
@@ -920,7 +920,6 @@ def finetune_lens(
     base = copy.deepcopy(model.posterior).to(device)
     source = SimulatedPairs(model.simulator, data or model.data, device=device)
     transform = base.transform
-    grid = torch.tensor(source.psf_grid_arcsec, device=device)
     up, scale = model.simulator.upsample_factor, model.simulator.pixel_scale_arcsec
     sims = [
         LensSimulator(dataclasses.replace(model.simulator, psf_fwhm_arcsec=f),
@@ -934,7 +933,7 @@ def finetune_lens(
 
     def draw(batch_size: int, gen: torch.Generator | None = None) -> FeedbackBatch:
         p = source.sample(batch_size, generator=gen)
-        key = (p.psf_fwhm_arcsec[:, None] - grid[None].to(p.psf_fwhm_arcsec)).abs().argmin(1)
+        key = source.psf_index(p.psf_fwhm_arcsec)
         obs = ObservedData(p.image, p.sigma, mask=p.mask, key=key)  # masks: DataConfig
         return FeedbackBatch(transform.to_u(p.theta), p.x, obs)
 

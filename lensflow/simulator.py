@@ -328,7 +328,7 @@ class LensSimulator(nn.Module):
         cs._grid = tuple(g[..., None].to(device=device, dtype=dtype) for g in (gx, gy))
         self.register_buffer("psf", psf.to(device=device, dtype=dtype), persistent=False)
         if chunk_size is None and torch.device(device).type == "cpu":
-            n_fine = config.n_pix * up + psf.shape[0] - 1  # caustics' PSF-padded fine grid
+            n_fine = self.fine_grid_side
             chunk_size = max(16, 2**24 // (n_fine**2 * torch.finfo(dtype).bits // 8))
         self.chunk_size = chunk_size
         self._pixel_area = config.pixel_scale_arcsec**2
@@ -341,6 +341,11 @@ class LensSimulator(nn.Module):
         expected = tuple(n.replace(".", ": ") for n in CAUSTICS_ORDER)
         if order != expected:
             raise RuntimeError(f"caustics parameter order {order} differs from {expected}")
+
+    @property
+    def fine_grid_side(self) -> int:
+        """Side, in fine pixels, of the PSF-padded supersampled grid caustics evaluates."""
+        return self.config.n_pix * self.config.upsample_factor + self.psf.shape[0] - 1
 
     @property
     def image_shape(self) -> tuple[int, int]:

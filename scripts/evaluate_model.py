@@ -68,22 +68,6 @@ def draw_samples(
     return torch.cat(out, dim=1), time.perf_counter() - start
 
 
-def psf_index(source: SimulatedPairs, fwhm: Tensor) -> Tensor:
-    """Index ``(B,)`` of each lens's PSF in ``source.psf_grid_arcsec``."""
-    grid = torch.tensor(source.psf_grid_arcsec, dtype=fwhm.dtype)
-    return (fwhm[:, None] - grid[None]).abs().argmin(dim=1)
-
-
-def noiseless(source: SimulatedPairs, theta: Tensor, k: Tensor) -> Tensor:
-    """caustics images ``(B, H, W)`` of ``theta`` ``(B, D)`` with PSF grid index ``k``."""
-    out = theta.new_zeros((theta.shape[0], *source.simulators[0].image_shape))
-    for i, sim in enumerate(source.simulators):
-        chosen = (k == i).nonzero().flatten()
-        if chosen.numel():
-            out[chosen] = sim(theta[chosen])
-    return out
-
-
 def reduced_chi2(
     source: SimulatedPairs, theta: Tensor, image: Tensor, sigma: Tensor, k: Tensor,
     chunk: int = 50,
@@ -96,7 +80,7 @@ def reduced_chi2(
         th = theta[:, i : i + chunk]
         b = th.shape[1]
         flat = th.reshape(n_k * b, -1)
-        model = noiseless(source, flat, k[i : i + chunk].repeat(n_k)).reshape(
+        model = source.noiseless(flat, k[i : i + chunk].repeat(n_k)).reshape(
             n_k, b, *image.shape[1:]
         )
         out.append(chi2(model, image[i : i + chunk], sigma[i : i + chunk]) / n_pix)
@@ -135,7 +119,7 @@ def evaluate(
     """All metrics of one test set; prints the tables and returns the numbers."""
     theta, seconds = draw_samples(model, test.x, args.n_samples, args.n_steps, args.seed + 1)
     truth = test.theta
-    k = psf_index(source, test.psf_fwhm_arcsec)
+    k = source.psf_index(test.psf_fwhm_arcsec)
     n_k = min(args.chi2_samples, args.n_samples)
     start = time.perf_counter()
     chi2_post = reduced_chi2(source, theta[:n_k], test.image, test.sigma, k)

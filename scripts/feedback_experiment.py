@@ -136,8 +136,7 @@ def evaluate(args: argparse.Namespace) -> None:
     cost, obs = lens_cost(cut, model.simulator, transform)
     truth = test.theta
     # The generator's own simulators (supersampled Gaussian PSF): the exact re-simulation.
-    grid = torch.tensor(source.psf_grid_arcsec)
-    key = (test.psf_fwhm_arcsec[:, None] - grid[None]).abs().argmin(1)
+    key = source.psf_index(test.psf_fwhm_arcsec)
     exact = GaussianCost(list(source.simulators), transform)
     obs_exact = ObservedData(test.image, test.sigma, key=key)
     with torch.no_grad():

@@ -135,3 +135,13 @@ def test_masked_pairs_zero_the_input_and_round_trip(tmp_path):
     assert stored.data_config.mask_probability == 1.0
     assert torch.equal(stored.pairs.mask, batch.mask)
     torch.testing.assert_close(stored.pairs.x, batch.x, rtol=0, atol=0)
+
+
+def test_psf_index_and_noiseless_follow_the_grid(pairs):
+    fwhm = torch.tensor([0.6, 0.4, 0.45, 0.58])  # grid (0.4, 0.6)
+    k = pairs.psf_index(fwhm)
+    assert k.tolist() == [1, 0, 0, 1]
+    theta = pairs.prior.sample((4,), generator=torch.Generator().manual_seed(2))
+    images = pairs.noiseless(theta, k)
+    for i in range(4):
+        torch.testing.assert_close(images[i], pairs.simulators[int(k[i])](theta[i]))

@@ -382,14 +382,12 @@ def lenstronomy_pairs(source: SimulatedPairs, pairs: Pairs, numerics: str = "mat
         New ``Pairs`` with lenstronomy images, their noise maps and network inputs; the
         masks of ``pairs`` are kept.
     """
-    grid = torch.tensor(source.psf_grid_arcsec, dtype=pairs.psf_fwhm_arcsec.dtype)
-    k = (pairs.psf_fwhm_arcsec[:, None].cpu() - grid[None]).abs().argmin(dim=1)
-    model_c = torch.zeros_like(pairs.image)
+    k = source.psf_index(pairs.psf_fwhm_arcsec)
+    model_c = source.noiseless(pairs.theta, k).to(pairs.image)
     model_l = torch.zeros_like(pairs.image)
-    for i, (fwhm, sim) in enumerate(zip(source.psf_grid_arcsec, source.simulators, strict=True)):
-        chosen = (k == i).nonzero().flatten().to(pairs.image.device)
+    for i, fwhm in enumerate(source.psf_grid_arcsec):
+        chosen = (k == i).nonzero().flatten()
         if chosen.numel():
-            model_c[chosen] = sim(pairs.theta[chosen]).to(model_c)
             cfg = dataclasses.replace(source.simulator_config, psf_fwhm_arcsec=fwhm)
             rendered = render_lenstronomy(pairs.theta[chosen].double(), cfg, numerics=numerics)
             model_l[chosen] = torch.as_tensor(rendered).to(model_l)
