@@ -136,21 +136,21 @@ def render_table(paths: list[Path]) -> str:
 def render_paired(paths: list[Path]) -> str:
     """Markdown table of paired differences C2ST(feedback variant) - C2ST(base flow).
 
-    Per task and budget, the base-flow row scored with the feedback runs' sampler (Euler 40)
-    is paired observation by observation with each feedback variant (same network, same
-    base noise); mean +/- std over the shared observations, and how many improved.
+    Per task and budget, the base-flow row scored with a feedback run's sampler (solver and
+    steps, e.g. ``euler 40``) is paired observation by observation with each feedback variant
+    of that sampler (same network, same base noise); mean +/- std over the shared
+    observations, and how many improved.
     """
     groups: dict[tuple, dict[str, dict[int, float]]] = {}
     for r in merge_rows(paths):
-        if not _sampler(r).startswith("euler"):  # the feedback runs' sampler, paired rows
-            continue
+        solver_steps = _sampler(r).split(",")[0]  # "euler 40, control t > 0.8" -> "euler 40"
         by_obs = dict(zip(r["num_observations"], r["c2st"], strict=True))
-        groups.setdefault((r["task"], r["n_simulations"]), {})[r["method"]] = by_obs
+        groups.setdefault((r["task"], r["n_simulations"], solver_steps), {})[r["method"]] = by_obs
     lines = [
         "| task | simulations | observations | flow+gradient | flow+learned | flow+zero |",
         "|---|---|---|---|---|---|",
     ]
-    for (task, n), methods in sorted(groups.items()):
+    for (task, n, _), methods in sorted(groups.items()):
         base = methods.get("flow")
         if base is None or len(methods) < 2:
             continue
