@@ -128,7 +128,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     sim = configs["simulator"]
     data = configs.get("data", data_preset(sim.name))
     flow = configs.get("flow", FlowConfig())
-    overrides = {"n_steps": args.steps, "batch_size": args.batch_size, "seed": args.seed}
+    overrides = {"n_steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                 "time_limit_s": args.time_limit}  # fmt: skip
     train = dataclasses.replace(
         configs.get("train", TrainConfig()),
         **{k: v for k, v in overrides.items() if v is not None},
@@ -216,6 +217,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             f"--steps {args.steps} and --batch-size {args.batch_size} must be >= 1 and "
             f"--t-start {args.t_start} in [0, 1)"
         )
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ValueError(f"--time-limit {args.time_limit} must be > 0 seconds")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,7 +230,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         data = dataclasses.replace(data, mask_probability=args.mask_probability)
     cfg = FinetuneConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          t_start=args.t_start, n_steps_sample=args.n_steps_sample,
-                         solver=args.solver)  # fmt: skip
+                         solver=args.solver, time_limit_s=args.time_limit)  # fmt: skip
     losses: list[float] = []
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -241,7 +244,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     hardware = (f"{torch.cuda.get_device_name(device)}" if str(device).startswith("cuda")
                 else f"cpu {platform.machine()} ({torch.get_num_threads()} torch threads)")  # fmt: skip
     training = {
-        "steps": cfg.n_steps, "batch_size": cfg.batch_size, "wall_time_s": round(seconds, 1),
+        "steps": len(losses), "n_steps_scheduled": cfg.n_steps,
+        "batch_size": cfg.batch_size, "wall_time_s": round(seconds, 1),
         "device": hardware, "seed": args.seed,
         "loss_first10pct": sum(losses[:k]) / k, "loss_last10pct": sum(losses[-k:]) / k,
         "data": "data.SimulatedPairs over the model's PSF grid and depth ranges",
@@ -261,7 +265,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     n_par = json.loads(meta_path.read_text())["n_parameters"]
     base = sum(p.numel() for p in model.posterior.parameters())
     print(f"finetuned the {args.signal} control net ({n_par:,} parameters, {n_par / base:.1%} of "
-          f"the base flow's {base:,}) for {cfg.n_steps} steps in {seconds:.0f} s, loss "
+          f"the base flow's {base:,}) for {len(losses)} steps in {seconds:.0f} s, loss "
           f"{training['loss_first10pct']:.4f} -> {training['loss_last10pct']:.4f}; wrote "
           f"{stem}.safetensors/.json")  # fmt: skip
     if out.resolve() != model.path.parent.resolve():
@@ -589,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
     p.add_argument("--batch-size", type=int, help="examples per step and process")
     p.add_argument("--seed", type=int, help="seed of initialization, data and noise")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="wall-clock budget in seconds (TrainConfig.time_limit_s): the cosine "
+                   "decays over whichever of steps and time runs out first")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--data", metavar="H5", help="train on a stored simulated set (HDF5)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
@@ -644,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of training lenses with random likelihood masks "
                    "(default: the model's own training setting)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of data, times and noise")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="wall-clock budget in seconds: the learning rate decays over "
+                   "whichever of steps and time runs out first, then training stops")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_finetune)

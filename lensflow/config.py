@@ -266,6 +266,13 @@ class TrainConfig:
         n_val: Size of the fixed held-out validation set.
         checkpoint_every: Steps between resumable checkpoints (and at the end).
         seed: Seed of initialization, data and loss noise.
+        time_limit_s: Optional wall-clock budget in seconds (a GPU lease, a batch-queue
+            slot). The cosine schedule then follows whichever of ``step / n_steps`` and
+            ``elapsed / time_limit_s`` is further along, and training stops when either
+            reaches 1, so a time-limited run still ends with a decayed learning rate. Its
+            step count depends on the hardware, so it is not reproducible bit for bit.
+        times_per_example: ``(t, z)`` draws per simulated example, sharing one image
+            embedding (``flow.FlowMatchingLoss``).
     """
 
     n_steps: int = 2000
@@ -279,6 +286,8 @@ class TrainConfig:
     n_val: int = 256
     checkpoint_every: int = 500
     seed: int = 0
+    time_limit_s: float | None = None
+    times_per_example: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -292,6 +301,8 @@ class TrainConfig:
             "val_every": self.val_every >= 1,
             "n_val": self.n_val >= 1,
             "checkpoint_every": self.checkpoint_every >= 1,
+            "time_limit_s": self.time_limit_s is None or self.time_limit_s > 0,
+            "times_per_example": self.times_per_example >= 1,
         }
         for field, ok in checks.items():
             if not ok:
@@ -395,7 +406,9 @@ def to_toml(configs: dict[str, Any]) -> str:
     for stage, cfg in configs.items():
         lines.append(f"[{stage}]")
         for key, value in dataclasses.asdict(cfg).items():
-            if isinstance(value, str):
+            if value is None:  # TOML has no null: an absent key reads back as the default
+                lines.append(f"# {key} = (none)")
+            elif isinstance(value, str):
                 lines.append(f'{key} = "{value}"')
             elif isinstance(value, bool):
                 lines.append(f"{key} = {str(value).lower()}")

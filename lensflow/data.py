@@ -45,7 +45,7 @@ from lensflow.config import DataConfig, SimulatorConfig
 from lensflow.observation import Observation
 from lensflow.params import NAMES
 from lensflow.prior import Prior
-from lensflow.simulator import LensSimulator
+from lensflow.simulator import LensSimulator, gaussian_psf, pool_psf
 
 __all__ = [
     "N_CHANNELS",
@@ -324,6 +324,44 @@ class SimulatedPairs:
             if chosen.numel():
                 out[chosen] = sim(theta[chosen]).to(out)
         return out
+
+    def observations(
+        self, pairs: Pairs, *, psf_kernel: str = "point", prefix: str = "heldout"
+    ) -> list[Observation]:
+        """The examples of ``pairs`` as ``Observation`` objects, as a user would load them.
+
+        Each gets its image, noise map and mask, and the *native-pixel* PSF kernel of its
+        grid FWHM: the Gaussian point-sampled at the pixel scale (``"point"``, as
+        ``mocks.write_mock_fits`` writes it; its Gaussian-fit FWHM, the network's PSF
+        conditioning, is the grid FWHM) or pixel-integrated from the simulator's fine
+        Gaussian (``"pooled"``; what the simulator renders, but its fitted FWHM is wider by
+        the pixel box, docs/training.md).
+
+        Args:
+            pairs: Examples drawn from this source (or rendered like them).
+            psf_kernel: ``"point"`` or ``"pooled"``.
+            prefix: Names are ``f"{prefix}{i}"``.
+
+        Returns:
+            One observation per example, on ``pairs``' device.
+        """
+        if psf_kernel not in ("point", "pooled"):
+            raise ValueError(f"psf_kernel must be 'point' or 'pooled', got {psf_kernel!r}")
+        scale = self.simulator_config.pixel_scale_arcsec
+        up = self.simulator_config.upsample_factor
+        kernels = [
+            (gaussian_psf(f, scale) if psf_kernel == "point"
+             else pool_psf(gaussian_psf(f, scale / up), up)).to(pairs.image)
+            for f in self.psf_grid_arcsec
+        ]  # fmt: skip
+        index = self.psf_index(pairs.psf_fwhm_arcsec).tolist()
+        mask = pairs.mask if pairs.mask is not None else torch.ones_like(pairs.image, dtype=bool)
+        return [
+            Observation(
+                pairs.image[i], pairs.sigma[i], kernels[k], scale, mask[i], name=f"{prefix}{i}"
+            )
+            for i, k in enumerate(index)
+        ]
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Pairs:
         """Draw ``n`` fresh examples.

@@ -35,6 +35,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,7 @@ __all__ = [
     "ZeroSignal",
     "finetune",
     "finetune_lens",
+    "gradient_memory_bytes",
     "lens_cost",
     "load_control",
     "look_ahead",
@@ -225,8 +228,25 @@ class GaussianCost:
         return r2.sum(dim=dims) / n_used
 
 
-#: Memory budget of one differentiated simulator call of the lens feedback cost, bytes.
+#: Memory budget of one differentiated simulator call of the lens feedback cost on the CPU
+#: (and the least on a GPU), bytes.
 GRADIENT_MEMORY_BYTES = 2**30
+
+
+def gradient_memory_bytes(device: torch.device | str) -> int:
+    """Memory budget of one differentiated simulator call on ``device``, bytes.
+
+    ``GRADIENT_MEMORY_BYTES`` on the CPU (larger calls got slower there, docs/benchmarks.md).
+    On CUDA, a quarter of the device memory free now, and at least that: a GPU needs rows by
+    the thousand per call to keep busy (with 1 GiB, one controlled step of a 10,000-sample
+    lens is 76 calls of 133 rows for ``euclid`` and 173 of 58 for ``hst``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(GRADIENT_MEMORY_BYTES, free // 4)
+    return GRADIENT_MEMORY_BYTES
+
 
 #: Bytes autograd keeps per float32 pixel of the simulator's fine grid (measured, rounded up).
 GRADIENT_BYTES_PER_FINE_PIXEL = 400
@@ -302,7 +322,7 @@ def lens_cost(
     # image with a 61 x 61 PSF kernel keep 1.5 GB for the backward pass).
     n_fine = max(s.fine_grid_side for s in sims)
     per_row = n_fine**2 * GRADIENT_BYTES_PER_FINE_PIXEL * torch.finfo(dtype).bits // 32
-    max_rows = max(1, GRADIENT_MEMORY_BYTES // per_row)
+    max_rows = max(1, gradient_memory_bytes(device) // per_row)
     return GaussianCost(forward, transform, max_rows=max_rows), data
 
 
@@ -758,6 +778,9 @@ class FinetuneConfig:
         n_steps_sample: Default solver steps of the returned posterior.
         solver: Default solver of the returned posterior.
         chunk_size: Rows per signal evaluation in sampling.
+        time_limit_s: Optional wall-clock budget in seconds: the cosine then follows
+            whichever of the step and time fractions is further along, and training stops
+            when either reaches 1 (as ``TrainConfig.time_limit_s``).
     """
 
     n_steps: int = 1000
@@ -774,6 +797,7 @@ class FinetuneConfig:
     n_steps_sample: int = 200
     solver: str = "euler"
     chunk_size: int = 4096
+    time_limit_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -860,7 +884,15 @@ def finetune(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="finetune")
+    start = time.perf_counter()
     for step in steps:
+        if cfg.time_limit_s is not None:
+            elapsed = time.perf_counter() - start
+            if step > 0 and elapsed >= cfg.time_limit_s:  # at least one step
+                break
+            frac = max(step / cfg.n_steps, elapsed / cfg.time_limit_s)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
         batch = data(cfg.batch_size, generator)
         u = batch.u.to(ref)
         with torch.no_grad():

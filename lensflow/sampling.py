@@ -115,12 +115,16 @@ def resolve_feedback(model: TrainedPosterior, feedback: str = "auto") -> str:
 
 
 def _lens_noise(seeds: Sequence[int], n: int, dim: int, like: Tensor) -> Tensor:
-    """Base noise ``(n, B, D)``: lens ``b``'s from ``Generator(device).manual_seed(seeds[b])``."""
+    """Base noise ``(n, B, D)``: lens ``b``'s from a CPU ``Generator().manual_seed(seeds[b])``.
+
+    Drawn on the CPU in ``like``'s dtype and then moved to its device, so a seed gives the
+    same noise on every device (CUDA generators have other streams).
+    """
     out = []
     for seed in seeds:
-        g = torch.Generator(like.device).manual_seed(int(seed))
-        out.append(torch.randn((n, dim), generator=g, device=like.device, dtype=like.dtype))
-    return torch.stack(out, dim=1)
+        g = torch.Generator().manual_seed(int(seed))
+        out.append(torch.randn((n, dim), generator=g, dtype=like.dtype))
+    return torch.stack(out, dim=1).to(like.device)
 
 
 def sample_posteriors(

@@ -78,18 +78,26 @@ class TrainResult:
     wall_time_s: float
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
+def learning_rate(step: int, config: TrainConfig, elapsed_s: float = 0.0) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay to 0 at ``n_steps``.
+
+    With ``config.time_limit_s`` set, the cosine follows whichever of the step fraction and
+    ``elapsed_s / time_limit_s`` is further along (the warmup is counted in steps).
 
     Example:
         >>> cfg = TrainConfig(n_steps=100, warmup_steps=10, lr=1.0)
         >>> learning_rate(4, cfg), learning_rate(10, cfg), learning_rate(100, cfg)
         (0.5, 1.0, 0.0)
+        >>> timed = TrainConfig(n_steps=100, warmup_steps=10, lr=1.0, time_limit_s=60.0)
+        >>> learning_rate(10, timed, elapsed_s=30.0), learning_rate(10, timed, elapsed_s=60.0)
+        (0.5, 0.0)
     """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     span = max(config.n_steps - config.warmup_steps, 1)
     progress = min((step - config.warmup_steps) / span, 1.0)
+    if config.time_limit_s is not None:
+        progress = max(progress, min(elapsed_s / config.time_limit_s, 1.0))
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -144,8 +152,9 @@ def _save(folder: Path, loss: FlowMatchingLoss, ema: VectorField, opt: torch.opt
 def _load(folder: Path, loss: FlowMatchingLoss, ema: VectorField, opt: torch.optim.Optimizer,
           generator: torch.Generator, config: TrainConfig) -> dict:  # fmt: skip
     record = json.loads((folder / "train_state.json").read_text())
-    saved = {k: v for k, v in record["config"].items() if k != "n_steps"}
-    current = {k: v for k, v in dataclasses.asdict(config).items() if k != "n_steps"}
+    free = ("n_steps", "time_limit_s")  # a resumed run may get more steps or more time
+    saved = {k: v for k, v in record["config"].items() if k not in free}
+    current = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
     if saved != current:
         raise ValueError(
             f"{folder}: cannot resume; the checkpoint's TrainConfig {saved} differs from {current}"
@@ -197,6 +206,10 @@ def fit(
         stop_at_step: Stop after this step although the schedule spans ``config.n_steps``
             (for time-limited jobs resumed later).
 
+    With ``config.time_limit_s``, training also stops (after a final validation and
+    checkpoint) once that much wall time has passed, counting the time of earlier runs
+    of a resumed checkpoint. Under DDP the ranks agree on when to stop (rank 0's clock).
+
     Returns:
         The EMA field and the training record.
 
@@ -225,8 +238,9 @@ def fit(
     bar = tqdm(range(record["step"], end), initial=record["step"], total=end, unit="step",
                disable=not progress or rank != 0, desc="train")  # fmt: skip
     for step in bar:
+        elapsed = time.perf_counter() - start_time
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, config)
+            group["lr"] = learning_rate(step, config, elapsed)
         batch = data.sample(config.batch_size, generator=generator)
         value = model(transform.to_u(batch.theta), batch.x, generator=generator)
         opt.zero_grad(set_to_none=True)
@@ -240,7 +254,10 @@ def fit(
                 p_ema.lerp_(p, 1 - decay)
         record["train_loss"].append(float(value.detach()))
         record["step"] = done = step + 1
-        if done % config.val_every == 0 or done == config.n_steps:
+        out_of_time = _out_of_time(start_time, config, distributed, device)
+        if out_of_time:
+            bar.total = end = done
+        if done % config.val_every == 0 or done == config.n_steps or out_of_time:
             record["val_steps"].append(done)
             record["val_loss"].append(validation_loss(ema_loss, transform, val))
             bar.set_postfix(
@@ -249,6 +266,8 @@ def fit(
         if folder is not None and (done % config.checkpoint_every == 0 or done == end):
             record["wall_time_s"] = time.perf_counter() - start_time
             _save(folder, loss, ema, opt, generator, record)
+        if out_of_time:
+            break
     bar.close()
     return TrainResult(
         field=ema,
@@ -258,6 +277,20 @@ def fit(
         val_loss=tuple(record["val_loss"]),
         wall_time_s=time.perf_counter() - start_time,
     )
+
+
+def _out_of_time(
+    start_time: float, config: TrainConfig, distributed: bool, device: torch.device
+) -> bool:
+    """Whether ``config.time_limit_s`` has passed (rank 0 decides for all ranks)."""
+    if config.time_limit_s is None:
+        return False
+    flag = torch.tensor(
+        [float(time.perf_counter() - start_time >= config.time_limit_s)], device=device
+    )
+    if distributed:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def device_description(device: torch.device | str) -> str:
@@ -322,7 +355,8 @@ def train_model(
         torch.manual_seed(config.seed)
         posterior = build_posterior(flow)
     posterior.to(device)
-    loss = FlowMatchingLoss(posterior.field, sigma_min=flow.sigma_min, alpha=flow.alpha)
+    loss = FlowMatchingLoss(posterior.field, sigma_min=flow.sigma_min, alpha=flow.alpha,
+                            times_per_example=config.times_per_example)  # fmt: skip
     result = fit(loss, posterior.transform, source, val, config, checkpoint_dir=out_dir,
                  resume=resume, progress=progress, stop_at_step=stop_at_step)  # fmt: skip
     if _rank() == 0:

@@ -50,6 +50,11 @@ def main() -> None:
     parser.add_argument("--n-steps", type=int, default=None)
     parser.add_argument("--solver", default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--feedback", default="none",
+                        help="also time sampling with this shipped control net (gradient, "
+                        "learned) through sampling.sample_posteriors, on --feedback-lenses "
+                        "observations")  # fmt: skip
+    parser.add_argument("--feedback-lenses", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -77,6 +82,37 @@ def main() -> None:
         def run(b=b, n=n) -> None:
             with torch.no_grad():
                 post.sample(x[:b], n, n_steps=n_steps, solver=solver)
+
+        t = _time(run, device, args.repeats)
+        print(f"| {label} | {b} | {n} | {t:.3f} | {b / t:.1f} | {b * n / t:,.0f} |", flush=True)
+    if args.feedback != "none":
+        _bench_feedback(model, pairs, args, device)
+
+
+def _bench_feedback(model, pairs: SimulatedPairs, args, device: torch.device) -> None:
+    """Time ``sample_posteriors`` with a control net: the user's path, observations in."""
+    from lensflow.checkpoint import load_control
+    from lensflow.feedback import signal_calls_per_sample
+    from lensflow.sampling import sample_posteriors
+
+    control = load_control(args.feedback, model)
+    test = pairs.sample(args.feedback_lenses, generator=torch.Generator(device).manual_seed(1))
+    observations = pairs.observations(test)
+    calls = signal_calls_per_sample(control.n_steps, control.solver, control.t_start)
+    print(f"\n# feedback {control.kind} ({control.path}): {control.solver} x "
+          f"{control.n_steps} steps, t_start {control.t_start}, {calls} simulator calls "
+          f"with gradient per sample")  # fmt: skip
+    print("| case | lenses | samples per lens | wall time [s] | lenses/s | samples/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    cases = [
+        ("one lens, feedback", 1, args.one_lens_samples),
+        ("batch, feedback", args.feedback_lenses, args.batch_samples),
+    ]
+    for label, b, n in cases:
+
+        def run(b=b, n=n) -> None:
+            sample_posteriors(observations[:b], model, n, feedback=control,
+                              generator=torch.Generator(device).manual_seed(0))  # fmt: skip
 
         t = _time(run, device, args.repeats)
         print(f"| {label} | {b} | {n} | {t:.3f} | {b / t:.1f} | {b * n / t:,.0f} |", flush=True)

@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from typing import Any
@@ -50,6 +51,7 @@ from lensflow.data import Pairs, SimulatedPairs
 from lensflow.metrics import interval_coverage, tarp_coverage
 from lensflow.params import REGISTRY
 from lensflow.simulator import chi2
+from lensflow.train import device_description
 
 
 def draw_samples(
@@ -59,10 +61,11 @@ def draw_samples(
 
     Returns the samples and the wall time in s.
     """
-    g = torch.Generator().manual_seed(seed)
+    device = next(model.posterior.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
     start = time.perf_counter()
     out = [
-        model.posterior.sample(x[i : i + chunk], n, n_steps=n_steps, generator=g)
+        model.posterior.sample(x[i : i + chunk].to(device), n, n_steps=n_steps, generator=g).cpu()
         for i in tqdm(range(0, x.shape[0], chunk), desc="sample", leave=False)
     ]
     return torch.cat(out, dim=1), time.perf_counter() - start
@@ -72,7 +75,12 @@ def reduced_chi2(
     source: SimulatedPairs, theta: Tensor, image: Tensor, sigma: Tensor, k: Tensor,
     chunk: int = 50,
 ) -> Tensor:  # fmt: skip
-    """``chi^2 / n_pixels`` of images re-simulated from ``theta`` ``(K, B, D)``, shape ``(K, B)``."""
+    """``chi^2 / n_pixels`` of images re-simulated from ``theta`` ``(K, B, D)``, shape ``(K, B)``.
+
+    The images are simulated on ``source``'s device; the result is on the CPU.
+    """
+    dev = source.device
+    theta, image, sigma, k = (a.to(dev) for a in (theta, image, sigma, k))
     n_pix = image.shape[-1] * image.shape[-2]
     n_k = theta.shape[0]
     out = []
@@ -83,7 +91,7 @@ def reduced_chi2(
         model = source.noiseless(flat, k[i : i + chunk].repeat(n_k)).reshape(
             n_k, b, *image.shape[1:]
         )
-        out.append(chi2(model, image[i : i + chunk], sigma[i : i + chunk]) / n_pix)
+        out.append((chi2(model, image[i : i + chunk], sigma[i : i + chunk]) / n_pix).cpu())
     return torch.cat(out, dim=1)
 
 
@@ -93,7 +101,8 @@ def summarize(
 ) -> dict[str, Any]:  # fmt: skip
     """Summary numbers of one subset: samples ``(N, B, D)``, truth ``(B, D)``, chi2 ``(K, B)``."""
     cov = interval_coverage(theta, truth, levels=(0.68, 0.95)).coverage  # (2, D)
-    to_u = model.posterior.transform.to_u
+    device = next(model.posterior.parameters()).device
+    to_u = lambda th: model.posterior.transform.to_u(th.to(device)).cpu()
     tarp = tarp_coverage(to_u(theta.double()), to_u(truth.double()), levels=(0.68, 0.95),
                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
     mean = theta.mean(0)
@@ -117,13 +126,16 @@ def evaluate(
     label: str,
 ) -> dict[str, Any]:  # fmt: skip
     """All metrics of one test set; prints the tables and returns the numbers."""
-    theta, seconds = draw_samples(model, test.x, args.n_samples, args.n_steps, args.seed + 1)
+    theta, seconds = draw_samples(model, test.x, args.n_samples, args.n_steps, args.seed + 1,
+                                  chunk=args.lens_chunk)  # fmt: skip
     truth = test.theta
     k = source.psf_index(test.psf_fwhm_arcsec)
     n_k = min(args.chi2_samples, args.n_samples)
     start = time.perf_counter()
-    chi2_post = reduced_chi2(source, theta[:n_k], test.image, test.sigma, k)
-    chi2_true = reduced_chi2(source, truth[None], test.image, test.sigma, k)[0]
+    sim = source if args.device == "cpu" else SimulatedPairs(model.simulator, source.data_config,
+                                                              device=args.device)  # fmt: skip
+    chi2_post = reduced_chi2(sim, theta[:n_k], test.image, test.sigma, k)
+    chi2_true = reduced_chi2(sim, truth[None], test.image, test.sigma, k)[0]
     chi2_seconds = time.perf_counter() - start
     bad = int((~torch.isfinite(theta)).any(-1).any(0).sum())
     if bad:
@@ -205,6 +217,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.add_argument("--device", default="cpu",
+                   help="sampling and chi^2 device; the test lenses are always simulated on "
+                   "the CPU, so every device sees the same lenses")  # fmt: skip
+    p.add_argument("--lens-chunk", type=int, default=50, help="lenses per sampling call")
+    p.add_argument("--mask-probability", type=float, default=0.0,
+                   help="fraction of test lenses with random likelihood masks (default 0: "
+                   "unmasked, whatever the model was trained with)")  # fmt: skip
     args = p.parse_args()
     if args.n_lenses < 2 or args.n_samples < 2 or not 0 <= args.lenstronomy <= args.n_lenses:
         p.error("need --n-lenses >= 2, --n-samples >= 2 and 0 <= --lenstronomy <= --n-lenses")
@@ -213,11 +232,14 @@ def main() -> None:
         from lensflow.baselines.lenstronomy import lenstronomy_pairs
 
     model = load_model(args.model)
-    source = SimulatedPairs(model.simulator, model.data)
+    model.posterior.to(args.device)
+    data = dataclasses.replace(model.data, mask_probability=args.mask_probability)
+    source = SimulatedPairs(model.simulator, data)
     start = time.perf_counter()
     test = source.sample(args.n_lenses, generator=torch.Generator().manual_seed(args.seed))
     print(f"simulated {args.n_lenses} test lenses in {time.perf_counter() - start:.1f} s")
-    results: dict[str, Any] = {"args": vars(args), "model_training": model.meta.get("training")}
+    results: dict[str, Any] = {"args": vars(args), "model_training": model.meta.get("training"),
+                               "device": device_description(args.device)}  # fmt: skip
     results["caustics"] = evaluate(model, source, test, args, "caustics (lensflow simulator)")
     if args.lenstronomy:
         sub = test.select(torch.arange(args.lenstronomy))

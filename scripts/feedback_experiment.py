@@ -106,9 +106,7 @@ def evaluate(args: argparse.Namespace) -> None:
     from lensflow.checkpoint import load_control
     from lensflow.cutouts import cut_to_fov
     from lensflow.feedback import lens_cost
-    from lensflow.observation import Observation
     from lensflow.sampling import sample_posteriors
-    from lensflow.simulator import gaussian_psf, pool_psf
 
     model = load_model(args.model)
     posterior = model.posterior.eval()
@@ -119,19 +117,7 @@ def evaluate(args: argparse.Namespace) -> None:
         from lensflow.baselines.lenstronomy import lenstronomy_pairs
 
         test = lenstronomy_pairs(source, test, args.lenstronomy_numerics)
-    scale = model.simulator.pixel_scale_arcsec
-    up = model.simulator.upsample_factor
-    psfs = {  # the observation's native PSF kernel: point-sampled or pixel-integrated Gaussian
-        f: (gaussian_psf(f, scale) if args.psf_kernel == "point"
-            else pool_psf(gaussian_psf(f, scale / up), up)).float()
-        for f in source.psf_grid_arcsec
-    }  # fmt: skip
-    observations = [
-        Observation(test.image[i], test.sigma[i], psfs[min(psfs, key=lambda f, i=i: abs(
-            f - float(test.psf_fwhm_arcsec[i])))], scale,
-            torch.ones_like(test.image[i], dtype=torch.bool), name=f"heldout{i}")
-        for i in range(args.n_lenses)
-    ]  # fmt: skip
+    observations = source.observations(test, psf_kernel=args.psf_kernel)
     cut = [cut_to_fov(o, model.simulator) for o in observations]
     cost, obs = lens_cost(cut, model.simulator, transform)
     truth = test.theta

@@ -4,6 +4,12 @@ Example (the shipped CPU model, docs/training.md)::
 
     python scripts/train_preset.py --preset euclid --steps 3000 --batch-size 64 \
         --threads 1 --out runs/euclid_cpu
+
+A GPU run with a wall-clock budget (docs/training.md, "Shipped models")::
+
+    python scripts/train_preset.py --preset hst --device cuda --time-limit 330 \
+        --steps 100000 --batch-size 256 --base-channels 40 --width 512 --n-blocks 4 \
+        --embed-dim 256 --tf32 --out runs/hst_gpu
 """
 
 from __future__ import annotations
@@ -27,6 +33,22 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--base-channels", type=int, default=FlowConfig().base_channels)
+    p.add_argument("--width", type=int, default=FlowConfig().width, help="residual MLP width")
+    p.add_argument("--n-blocks", type=int, default=FlowConfig().n_blocks)
+    p.add_argument("--embed-dim", type=int, default=FlowConfig().embed_dim)
+    p.add_argument("--warmup", type=int, default=TrainConfig().warmup_steps)
+    p.add_argument("--ema-decay", type=float, default=TrainConfig().ema_decay)
+    p.add_argument("--n-val", type=int, default=TrainConfig().n_val)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="wall-clock budget in s (TrainConfig.time_limit_s)")  # fmt: skip
+    p.add_argument("--times-per-example", type=int, default=1,
+                   help="(t, z) draws per simulated image (TrainConfig.times_per_example)")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 matrix products on CUDA (the network; the simulator's "
+                   "FFT convolution is unaffected)")  # fmt: skip
     p.add_argument("--mask-probability", type=float, default=0.0,
                    help="fraction of training images with random likelihood masks "
                    "(DataConfig.mask_probability; the shipped CPU models used 0)")  # fmt: skip
@@ -37,16 +59,24 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     sim = preset(args.preset)
     data = dataclasses.replace(data_preset(args.preset), mask_probability=args.mask_probability)
-    flow = FlowConfig(base_channels=args.base_channels)
+    flow = FlowConfig(base_channels=args.base_channels, width=args.width,
+                      n_blocks=args.n_blocks, embed_dim=args.embed_dim)  # fmt: skip
     train = TrainConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        val_every=250, checkpoint_every=250, seed=args.seed)  # fmt: skip
+                        warmup_steps=args.warmup, ema_decay=args.ema_decay, n_val=args.n_val,
+                        val_every=args.val_every, checkpoint_every=args.checkpoint_every,
+                        seed=args.seed, time_limit_s=args.time_limit,
+                        times_per_example=args.times_per_example)  # fmt: skip
     prov = run_provenance(
         args.seed, {"simulator": sim, "data": data, "flow": flow, "train": train}
     )
     prov["command"] = "python " + shlex.join(sys.argv)
     result = train_model(sim, data, flow, train, out_dir=args.out, resume=args.resume,
+                         device=args.device,
                          progress=True, stop_at_step=args.stop_at_step, provenance=prov)  # fmt: skip
     summary = {
         k: v for k, v in dataclasses.asdict(result).items() if k not in ("field", "train_loss")

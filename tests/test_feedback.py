@@ -203,6 +203,16 @@ def test_finetune_leaves_base_bit_identical_and_trains_control():
     assert tuned.control.mlp.out[-1].weight.abs().sum() > 0  # the control moved off zero
 
 
+def test_finetune_time_limit_stops_early_but_takes_a_step():
+    post = tiny_flow()
+    losses = []
+    cfg = FinetuneConfig(n_steps=10**6, batch_size=8, width=16, n_blocks=1, time_limit_s=1e-9)
+    finetune(post, GradientSignal(toy_cost, D), toy_data, cfg,
+             generator=torch.Generator().manual_seed(0),
+             callback=lambda step, loss: losses.append(loss))  # fmt: skip
+    assert len(losses) == 1
+
+
 def test_finetune_trains_residual_encoder_and_checkpoint_round_trip(tmp_path):
     post = tiny_flow()
     signal = ResidualSignal(toy_cost, VectorEncoder(M, 4, width=8, n_blocks=1), 4)

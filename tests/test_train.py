@@ -61,6 +61,56 @@ def test_fit_reduces_validation_loss_and_tracks_ema():
     assert any(not torch.equal(e, b) for e, b in zip(ema, before, strict=True))
 
 
+def test_learning_rate_follows_the_clock_when_time_limited():
+    cfg = TrainConfig(n_steps=10**6, warmup_steps=10, lr=2.0, time_limit_s=100.0)
+    assert learning_rate(5, cfg, elapsed_s=90.0) == 1.2  # warmup counts steps
+    assert learning_rate(50, cfg, elapsed_s=0.0) == pytest.approx(2.0)
+    assert learning_rate(50, cfg, elapsed_s=50.0) == pytest.approx(1.0)
+    assert learning_rate(50, cfg, elapsed_s=150.0) == 0.0
+    # the step fraction wins when it is further along
+    both = TrainConfig(n_steps=110, warmup_steps=10, lr=2.0, time_limit_s=100.0)
+    assert learning_rate(110, both, elapsed_s=1.0) == 0.0
+
+
+def test_fit_stops_at_its_time_limit_with_a_final_validation_and_checkpoint(tmp_path):
+    cfg = TrainConfig(n_steps=10**6, batch_size=4, warmup_steps=1, val_every=10**5, n_val=8,
+                      checkpoint_every=10**5, time_limit_s=1.0)  # fmt: skip
+    posterior, loss, source, val = _setup()
+    result = fit(loss, posterior.transform, source, val, cfg, checkpoint_dir=tmp_path)
+    assert 1 <= result.steps < 10**6
+    assert result.val_steps == (result.steps,) and len(result.train_loss) == result.steps
+    assert result.wall_time_s >= 1.0
+    record = (tmp_path / "train_state.json").read_text()
+    assert f'"step": {result.steps}' in record
+
+
+def test_times_per_example_reuses_each_embedding():
+    posterior, _, source, _ = _setup()
+    batch = source.sample(3, generator=torch.Generator().manual_seed(1))
+    u = posterior.transform.to_u(batch.theta)
+    one = FlowMatchingLoss(posterior.field)
+    four = FlowMatchingLoss(posterior.field, times_per_example=4)
+    # with 1 draw, the loss is the earlier single-draw loss on the same random stream
+    from lensflow.flow import flow_matching_loss, sample_times
+
+    g = torch.Generator().manual_seed(5)
+    t = sample_times(3, generator=g)
+    z = torch.randn(u.shape, generator=g)
+    h = posterior.field.embed(batch.x)
+    expected = flow_matching_loss(posterior.field.velocity, u, h, t, z)
+    assert torch.equal(one(u, batch.x, generator=torch.Generator().manual_seed(5)), expected)
+    # with 4, it is the same loss on the batch repeated 4 times, drawing 12 times and noises
+    g = torch.Generator().manual_seed(5)
+    t4 = sample_times(12, generator=g)
+    z4 = torch.randn((12, u.shape[1]), generator=g)
+    expected4 = flow_matching_loss(posterior.field.velocity, u.repeat(4, 1), h.repeat(4, 1),
+                                   t4, z4)  # fmt: skip
+    got = four(u, batch.x, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, expected4)
+    with pytest.raises(ValueError, match="times_per_example"):
+        FlowMatchingLoss(posterior.field, times_per_example=0)
+
+
 def test_fit_resume_matches_uninterrupted_run(tmp_path):
     cfg = TrainConfig(n_steps=20, batch_size=8, warmup_steps=5, val_every=10, n_val=16,
                       checkpoint_every=10)  # fmt: skip
