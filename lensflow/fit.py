@@ -19,6 +19,10 @@ Diagnostics (``Diagnostics``; thresholds in ``RELIABILITY``, measured in docs/fi
   coherent (unmodelled structure, wrong PSF).
 * ``psf_fwhm_arcsec`` and ``noise_rms`` (the background RMS, fitted to the noise map as
   ``sigma^2 = rms^2 + max(image, 0) / t``) against the ranges the model was trained on.
+* the posterior medians against the registry's default prior, the range the model was
+  trained on: a median beyond it (by more than ``prior_tolerance`` of the prior's width,
+  in log space for log-uniform parameters) means the network extrapolated, as on real
+  cutouts whose flux scale the prior does not cover (docs/real-lenses.md).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ __all__ = [
     "fit",
     "fit_lens",
     "fit_lenses",
+    "outside_prior",
     "resolve_device",
     "resolve_preset",
     "run_fallback",
@@ -91,7 +96,41 @@ RELIABILITY: dict[str, float] = {
     "chi2_red_samples_max": 1.5,  # posterior samples fit the data much worse than noise
     "residual_coherence_max": 2.0,  # spatially coherent residual structure
     "range_tolerance": 0.15,  # PSF / noise may exceed the training range by this fraction
+    "prior_tolerance": 0.05,  # posterior medians may leave the prior box by this fraction
 }
+
+
+def outside_prior(median: Tensor, tolerance: float = RELIABILITY["prior_tolerance"]) -> list[str]:
+    """Registry names whose posterior median lies outside the default prior (training) range.
+
+    Args:
+        median: Posterior medians, shape ``(21,)``, physical units (``params.NAMES`` order).
+        tolerance: Allowed excess, as a fraction of the prior's width (of its log-width for
+            log-uniform parameters).
+
+    Returns:
+        The names, in registry order (empty when all medians are inside).
+
+    Example:
+        >>> from lensflow.prior import Prior
+        >>> m = Prior().low.clone()
+        >>> m[0] = 3.0  # lens_theta_e, prior 0.5-2"
+        >>> outside_prior(m)
+        ['lens_theta_e']
+    """
+    names = []
+    for spec, value in zip(REGISTRY, median.tolist(), strict=True):
+        lo, hi, v = spec.prior_low, spec.prior_high, value
+        if spec.prior == "loguniform":
+            if v <= 0:
+                names.append(spec.name)
+                continue
+            lo, hi, v = math.log(lo), math.log(hi), math.log(v)
+        pad = tolerance * (hi - lo)
+        if not lo - pad <= v <= hi + pad:
+            names.append(spec.name)
+    return names
+
 
 #: Parameters of the corner plot ``write_fit`` draws by default: the mass model. A 21x21
 #: corner takes ~10 s to draw (matplotlib's axes), a 7x7 one ~1 s; ``lensflow corner``
@@ -485,6 +524,9 @@ def diagnose(
             f"noise level {noise:.3g} outside the training range "
             f"{d.background_rms_min:.3g}-{d.background_rms_max:.3g}"
         )
+    outside = outside_prior(median)
+    if outside:
+        reasons.append(f"posterior outside the training prior ({', '.join(outside)})")
     diag = Diagnostics(
         chi2_red_median=float(chi2[0]),
         chi2_red_samples=chi2_samples,

@@ -203,6 +203,26 @@ def test_diagnostics_pass_at_the_truth_and_flag_mismatches():
     assert not wide.reliable and "PSF FWHM" in wide.reason
 
 
+def test_diagnostics_flag_posteriors_outside_the_training_prior():
+    from lensflow.fit import outside_prior
+    from lensflow.prior import Prior
+
+    prior = Prior(dtype=torch.float64)
+    inside = prior.sample((1000,), generator=torch.Generator().manual_seed(0))
+    assert all(outside_prior(row) == [] for row in inside)
+    mid = (prior.low + prior.high) / 2
+    amp = NAMES.index("lens_light_amp")  # log-uniform 5-500: 5% of the log-width is x1.26
+    for value, flagged in ((4.5, False), (3.0, True), (600.0, False), (900.0, True)):
+        m = mid.clone()
+        m[amp] = value
+        assert (outside_prior(m) == ["lens_light_amp"]) == flagged, value
+    image, sigma, psf, theta, _ = _mock(seed=4)
+    off = theta.clone()
+    off[NAMES.index("lens_theta_e")] = 2.5  # prior 0.5-2.0"
+    bad = _diagnose(image, sigma, psf, off)
+    assert not bad.reliable and "outside the training prior (lens_theta_e)" in bad.reason
+
+
 def test_fit_one_call_api(tmp_path):
     path, _ = _write(tmp_path)
     samples = fit(path, n=32, feedback="none", out=tmp_path / "o", plots=False)
