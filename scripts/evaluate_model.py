@@ -148,6 +148,7 @@ def evaluate(
     shallow = rms >= rms.median()
     subsets = {"all": torch.ones_like(sharp), "sharp PSF": sharp, "broad PSF": broad,
                "deep": ~shallow, "shallow": shallow}  # fmt: skip
+    subsets = {name: m for name, m in subsets.items() if m.any()}  # tiny sets: skip empty ones
     summary = {
         name: summarize(model, theta[:, m], truth[m], chi2_post[:, m], chi2_true[m],
                         args.seed + 2)
@@ -179,9 +180,9 @@ def evaluate(
         rows.append(row)
         print(f"| `{spec.name}` | {spec.unit or '-'} | {row['median_abs_error']:.3g} | "
               f"{row['median_std']:.3g} | {row['prior_std']:.3g} | {row['coverage68']:.2f} | "
-              f"{row['coverage95']:.2f} | {row['coverage68_sharp']:.2f} / "
-              f"{row['coverage68_broad']:.2f} | {row['coverage68_deep']:.2f} / "
-              f"{row['coverage68_shallow']:.2f} |")  # fmt: skip
+              f"{row['coverage95']:.2f} | {row.get('coverage68_sharp', float('nan')):.2f} / "
+              f"{row.get('coverage68_broad', float('nan')):.2f} | {row.get('coverage68_deep', float('nan')):.2f} / "
+              f"{row.get('coverage68_shallow', float('nan')):.2f} |")  # fmt: skip
     print("\n| subset | lenses | theta_E rel. error median / p90 | mean coverage 68% / 95% | "
           "params outside +/-0.05 (68% / 95%) | TARP 68% / 95% | reduced chi2: posterior "
           "samples mean (median) / truth mean |")  # fmt: skip
