@@ -642,8 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t-start", type=float, default=0.8,
                    help="control acts for t > t_start (default: 0.8)")  # fmt: skip
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    p.add_argument("--n-steps-sample", type=int, default=20,
-                   help="default sampler steps stored with the control (default: 20, "
+    p.add_argument("--n-steps-sample", type=int, default=40,
+                   help="default sampler steps stored with the control (default: 40, "
                    "chosen by the sampler sweep in docs/feedback.md)")  # fmt: skip
     p.add_argument("--solver", default="euler", help="default sampler solver (default: euler)")
     p.add_argument("--status", help="status label (default: provisional: CPU-trained on CPU)")
