@@ -208,7 +208,8 @@ def fit(
 
     With ``config.time_limit_s``, training also stops (after a final validation and
     checkpoint) once that much wall time has passed, counting the time of earlier runs
-    of a resumed checkpoint. Under DDP the ranks agree on when to stop (rank 0's clock).
+    of a resumed checkpoint. Under DDP every rank uses rank 0's clock for the schedule
+    and the stop.
 
     Returns:
         The EMA field and the training record.
@@ -238,7 +239,7 @@ def fit(
     bar = tqdm(range(record["step"], end), initial=record["step"], total=end, unit="step",
                disable=not progress or rank != 0, desc="train")  # fmt: skip
     for step in bar:
-        elapsed = time.perf_counter() - start_time
+        elapsed = _elapsed(start_time, config, distributed, device)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, config, elapsed)
         batch = data.sample(config.batch_size, generator=generator)
@@ -254,7 +255,10 @@ def fit(
                 p_ema.lerp_(p, 1 - decay)
         record["train_loss"].append(float(value.detach()))
         record["step"] = done = step + 1
-        out_of_time = _out_of_time(start_time, config, distributed, device)
+        out_of_time = (
+            config.time_limit_s is not None
+            and _elapsed(start_time, config, distributed, device) >= config.time_limit_s
+        )
         if out_of_time:
             bar.total = end = done
         if done % config.val_every == 0 or done == config.n_steps or out_of_time:
@@ -279,18 +283,20 @@ def fit(
     )
 
 
-def _out_of_time(
+def _elapsed(
     start_time: float, config: TrainConfig, distributed: bool, device: torch.device
-) -> bool:
-    """Whether ``config.time_limit_s`` has passed (rank 0 decides for all ranks)."""
-    if config.time_limit_s is None:
-        return False
-    flag = torch.tensor(
-        [float(time.perf_counter() - start_time >= config.time_limit_s)], device=device
-    )
-    if distributed:
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
+) -> float:
+    """Wall time since ``start_time``, s; rank 0's under DDP when a time limit is set.
+
+    With ``time_limit_s`` the clock sets the learning rate and the stop, so every rank must
+    read the same value, or their optimizers would step with different rates.
+    """
+    elapsed = time.perf_counter() - start_time
+    if config.time_limit_s is None or not distributed:
+        return elapsed
+    clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
+    dist.broadcast(clock, src=0)
+    return float(clock.item())
 
 
 def device_description(device: torch.device | str) -> str:

@@ -138,25 +138,32 @@ from lensflow.train import fit
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 posterior, loss, source, val = _setup(seed=dist.get_rank())  # different inits: DDP syncs them
-cfg = TrainConfig(n_steps=6, batch_size=4, warmup_steps=2, val_every=3, n_val=8)
+cfg = TrainConfig(n_steps={n_steps}, batch_size=4, warmup_steps=2, val_every=3, n_val=8,
+                  time_limit_s={limit})
 result = fit(loss, posterior.transform, source, val, cfg)
+open({out!r} + f"/steps{{dist.get_rank()}}.txt", "w").write(str(result.steps))
 state = {{k: v.contiguous() for k, v in posterior.field.state_dict().items()}}
 save_file(state, {out!r} + f"/rank{{dist.get_rank()}}.safetensors")
 dist.destroy_process_group()
 """
 
 
-def test_fit_ddp_two_gloo_processes_agree(tmp_path):
+@pytest.mark.parametrize(("n_steps", "limit"), [(6, None), (10**6, 2.0)])
+def test_fit_ddp_two_gloo_processes_agree(tmp_path, n_steps, limit):
+    # With a time limit, rank 0's clock sets every rank's learning rate and stop.
     from pathlib import Path
 
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT.format(tests=str(Path(__file__).parent),
-                                                         out=str(tmp_path))))  # fmt: skip
+                                                         out=str(tmp_path), n_steps=n_steps,
+                                                         limit=limit)))  # fmt: skip
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          "--master_port=29533", str(script)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
+    steps = [int((tmp_path / f"steps{r}.txt").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1] and (limit is not None or steps[0] == 6)
     w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert w0.keys() == w1.keys()
     for key in w0:
