@@ -5,6 +5,7 @@
 #
 # Usage (repository root, lensflow importable, one CUDA GPU):
 #     OUT=runs/gpu bash scripts/gpu_train_ship.sh [TRAIN_S] [FINETUNE_S]
+#     PRESETS=euclid OUT=runs/gpu bash scripts/gpu_train_ship.sh 420 90   # one preset
 #
 # Both presets train at once on the one GPU, each for TRAIN_S seconds (default 300) with
 # the cosine schedule spread over that time (TrainConfig.time_limit_s); then the control
@@ -17,6 +18,8 @@ T=${1:-300}
 F=${2:-90}
 OUT=${OUT:-runs/gpu}
 L=runs/gpu_logs
+PRESETS=${PRESETS:-"hst euclid"}
+has() { case " $PRESETS " in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$OUT" "$L" ship
 export PYTHONUNBUFFERED=1
 log() { echo "[$(date +%T)] $*"; }
@@ -26,8 +29,8 @@ python -c "import torch, caustics; print('torch', torch.__version__, 'caustics',
 caustics.__version__, torch.cuda.get_device_name(0))" | tee -a "$L/gpu.txt"
 
 ARCH="--base-channels 40 --width 512 --n-blocks 4 --embed-dim 256"
-log "training hst and euclid for $T s each"
-for p in hst euclid; do
+log "training $PRESETS for $T s each"
+for p in $PRESETS; do
     timeout $((T + 120)) python scripts/train_preset.py --preset "$p" --device cuda \
         --time-limit "$T" --steps 1000000 --batch-size 256 --lr 1e-3 --warmup 200 \
         --n-val 1024 --val-every 250 --checkpoint-every 1000 --times-per-example 4 \
@@ -38,7 +41,7 @@ timeout 240 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
     tests/test_simulator.py >"$L/pytest_gpu.log" 2>&1 &
 wait
 tail -c 600 "$L/pytest_gpu.log"
-for p in hst euclid; do
+for p in $PRESETS; do
     tail -n 1 "$L/train_$p.log"
     cp "runs/${p}_gpu/model.safetensors" "ship/$p.safetensors"
     cp "runs/${p}_gpu/model.json" "ship/$p.json"
@@ -55,11 +58,13 @@ ft() {  # preset signal t_start outdir
         >"$L/ft_$1_$2_$3.log" 2>&1
 }
 mkdir -p ship_t06
-ft hst gradient 0.8 ship &
-ft euclid gradient 0.8 ship &
-ft euclid learned 0.8 ship &
-(cp ship/euclid.* ship_t06/ && ft euclid gradient 0.6 ship_t06) &
-for p in hst euclid; do
+if has hst; then ft hst gradient 0.8 ship & fi
+if has euclid; then
+    ft euclid gradient 0.8 ship &
+    ft euclid learned 0.8 ship &
+    (cp ship/euclid.* ship_t06/ && ft euclid gradient 0.6 ship_t06) &
+fi
+for p in $PRESETS; do
     timeout 240 python scripts/evaluate_model.py --model "ship/$p.json" --device cuda \
         --threads 4 --n-lenses 1000 --n-samples 200 --lens-chunk 250 \
         --json "$L/eval_$p.json" >"$L/eval_$p.txt" 2>&1 &
@@ -69,7 +74,7 @@ cat "$L"/ft_*.log | grep -v "^\s*$" | tail -n 8
 grep -h "^| all\|^## " "$L"/eval_*.txt
 
 log "sampling benchmarks"
-for p in hst euclid; do
+for p in $PRESETS; do
     timeout 90 python scripts/bench_sampling.py --model "ship/$p.json" --device cuda \
         --threads 4 --repeats 2 --feedback gradient --feedback-lenses 100 \
         >"$L/bench_$p.txt" 2>&1 &
