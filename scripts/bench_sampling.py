@@ -39,6 +39,15 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _table(cases: list, sample, device: torch.device, repeats: int) -> None:
+    """Print the Markdown table of ``sample(lenses, samples_per_lens)`` timed per case."""
+    print("| case | lenses | samples per lens | wall time [s] | lenses/s | samples/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, b, n in cases:
+        t = _time(lambda b=b, n=n: sample(b, n), device, repeats)
+        print(f"| {label} | {b} | {n} | {t:.3f} | {b / t:.1f} | {b * n / t:,.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="euclid")
@@ -71,20 +80,16 @@ def main() -> None:
         f"model {args.model}, solver {solver} x {n_steps} steps "
         f"({SOLVERS[solver][1] * n_steps} field evaluations), load {os.getloadavg()[0]:.2f}"
     )
-    print("| case | lenses | samples per lens | wall time [s] | lenses/s | samples/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+
+    def flow(b: int, n: int) -> None:
+        with torch.no_grad():
+            post.sample(x[:b], n, n_steps=n_steps, solver=solver)
+
     cases = [
         ("one lens", 1, args.one_lens_samples),
         ("batch", args.batch_lenses, args.batch_samples),
     ]
-    for label, b, n in cases:
-
-        def run(b=b, n=n) -> None:
-            with torch.no_grad():
-                post.sample(x[:b], n, n_steps=n_steps, solver=solver)
-
-        t = _time(run, device, args.repeats)
-        print(f"| {label} | {b} | {n} | {t:.3f} | {b / t:.1f} | {b * n / t:,.0f} |", flush=True)
+    _table(cases, flow, device, args.repeats)
     if args.feedback != "none":
         _bench_feedback(model, pairs, args, device)
 
@@ -102,20 +107,16 @@ def _bench_feedback(model, pairs: SimulatedPairs, args, device: torch.device) ->
     print(f"\n# feedback {control.kind} ({control.path}): {control.solver} x "
           f"{control.n_steps} steps, t_start {control.t_start}, {calls} simulator calls "
           f"with gradient per sample")  # fmt: skip
-    print("| case | lenses | samples per lens | wall time [s] | lenses/s | samples/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+
+    def feedback(b: int, n: int) -> None:
+        sample_posteriors(observations[:b], model, n, feedback=control,
+                          generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+
     cases = [
         ("one lens, feedback", 1, args.one_lens_samples),
         ("batch, feedback", args.feedback_lenses, args.batch_samples),
     ]
-    for label, b, n in cases:
-
-        def run(b=b, n=n) -> None:
-            sample_posteriors(observations[:b], model, n, feedback=control,
-                              generator=torch.Generator(device).manual_seed(0))  # fmt: skip
-
-        t = _time(run, device, args.repeats)
-        print(f"| {label} | {b} | {n} | {t:.3f} | {b / t:.1f} | {b * n / t:,.0f} |", flush=True)
+    _table(cases, feedback, device, args.repeats)
 
 
 if __name__ == "__main__":
