@@ -335,31 +335,10 @@ def _registry_values(table: Table, name: str) -> np.ndarray:
 
 def _read_samples(path: str) -> tuple[object, str]:
     """Posterior samples from a ``fit``/``sample`` output (FITS/ECSV table or its folder)."""
-    import torch
-    from astropy.table import Table
+    from lensflow.sampling import read_samples
 
-    from lensflow.params import NAMES
-    from lensflow.sampling import PosteriorSamples
-
-    p = Path(path)
-    if p.is_dir():
-        found = [p / n for n in ("samples.fits", "samples.ecsv") if (p / n).is_file()]
-        if not found:
-            raise ValueError(f"{p}: no samples.fits or samples.ecsv in this folder")
-        p = found[0]
-    if not p.is_file():
-        raise ValueError(f"{p}: no such samples file")
-    try:
-        table = Table.read(p)
-    except Exception as err:  # noqa: BLE001 - astropy raises many types for unreadable tables
-        raise ValueError(f"{p}: cannot read a samples table ({err})") from None
-    missing = [n for n in NAMES if n not in table.colnames]
-    if missing:
-        raise ValueError(f"{p}: missing parameter column(s) {', '.join(missing)}")
-    cols = [torch.as_tensor(_registry_values(table, n), dtype=torch.float64) for n in NAMES]
-    meta = {k.lower(): v for k, v in table.meta.items()}
-    method = str(meta.get("method", p.parent.name))
-    return PosteriorSamples(torch.stack(cols, 1), NAMES, None, method), str(meta.get("lensid", ""))
+    samples, meta = read_samples(path)
+    return samples, str(meta.get("lensid", ""))
 
 
 def _cmd_corner(args: argparse.Namespace) -> int:
@@ -478,6 +457,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from lensflow.baselines import bench, report
+    from lensflow.catalog import read_catalog
     from lensflow.config import run_provenance
 
     if args.threads < 1:
@@ -487,6 +467,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     changes = {} if args.methods is None else {"methods": bench.parse_methods(args.methods)}
     if args.n_lenses is not None:
         changes["n_lenses"] = args.n_lenses
+    wanted = None
+    if args.lenses is not None:
+        wanted = [w.strip() for w in args.lenses.split(",") if w.strip()]
+        if not wanted:
+            raise ValueError("--lenses needs at least one lens name")
+        if args.n_lenses is None:  # search the whole catalog for the named lenses
+            changes["n_lenses"] = len(read_catalog(args.catalog or
+                                                   bench.default_catalog()))  # fmt: skip
     cfg = dataclasses.replace(cfg, **changes)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -497,13 +485,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.real:
         real, notes = bench.load_real_lenses(args.real_root, model=args.model)
         lenses += real
+    # A lens keeps its seed (seed + its position among the loaded lenses) in any subset.
+    picked = list(enumerate(lenses))
+    if wanted is not None:
+        names = {lens.name: k for k, lens in picked}
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise ValueError(f"--lenses: unknown lens(es) {', '.join(unknown)}; available: "
+                             f"{', '.join(names)}")  # fmt: skip
+        picked = [(names[w], lenses[names[w]]) for w in dict.fromkeys(wanted)]
     torch.manual_seed(args.seed)
-    result = bench.run_bench(lenses, cfg, model=args.model, device=args.device, seed=args.seed,
-                             progress=not args.quiet)  # fmt: skip
+    result = bench.run_bench([lens for _, lens in picked], cfg, model=args.model,
+                             device=args.device, seed=args.seed,
+                             seeds=[args.seed + k for k, _ in picked], store=out,
+                             resume=args.resume, progress=not args.quiet)  # fmt: skip
     result = dataclasses.replace(result, notes=(*result.notes, *notes))
+    lenses = [lens for _, lens in picked]
     parts = ["--config", args.config, "--methods", ",".join(cfg.methods), "--n-lenses",
              str(cfg.n_lenses), "--seed", str(args.seed), "--threads", str(args.threads),
              "--device", args.device, "--out", str(out)]  # fmt: skip
+    parts += ["--lenses", ",".join(lens.name for lens in lenses)] if wanted else []
+    parts += ["--resume"] if args.resume else []
     for flag, value in (("--model", args.model if args.model != "euclid" else None),
                         ("--catalog", args.catalog), ("--truths", args.truths),
                         ("--real-root", args.real_root), ("--docs", args.docs)):  # fmt: skip
@@ -770,13 +772,21 @@ def build_parser() -> argparse.ArgumentParser:
         "samples, convergence, error vs truth, reduced chi^2, C2ST vs emcee; coverage and "
         "speed-ups), OUT/bench-CONFIG.md and OUT/figures/bench_*.png (docs/benchmarks.md).",
     )
-    p.add_argument("--config", default="small", choices=["small", "full"],
-                   help="small: CPU, minutes, 3 lenses, capped emcee chain; full: 12 lenses, "
-                   "chains to 50 tau, every method (GPU)")  # fmt: skip
+    p.add_argument("--config", default="small", choices=["small", "reference", "full"],
+                   help="small: CPU, minutes, 3 lenses, capped emcee chain; reference: CPU, "
+                   "hours, 3 lenses, emcee to 50 tau; full: 12 lenses, chains to 50 tau, "
+                   "every method (GPU)")  # fmt: skip
     p.add_argument("--methods", metavar="M1,M2,...",
                    help="subset of flow, flow+feedback, emcee, nuts, lenstronomy "
                    "(default: the config's)")  # fmt: skip
     p.add_argument("--n-lenses", type=int, metavar="K", help="first K demo lenses")
+    p.add_argument("--lenses", metavar="ID1,ID2,...",
+                   help="only these lenses (demo ids, or real folder names with --real); each "
+                   "keeps the seed it has in the full run")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs already in OUT/runs/<lens>/<method>/ made with the same "
+                   "config, model and seed (run long references one lens per process, then "
+                   "merge with a last --resume run)")  # fmt: skip
     p.add_argument("--real", action="store_true",
                    help="also the real Euclid Q1 lenses (no truths; skipped when absent)")  # fmt: skip
     p.add_argument("--real-root", metavar="DIR", help="real_lenses folder (default: shared)")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FEEDBACK_CHOICES",
     "PosteriorSamples",
+    "read_samples",
     "resolve_feedback",
     "sample_posterior",
     "sample_posteriors",
@@ -275,6 +277,55 @@ def samples_table(samples: PosteriorSamples) -> Table:
     if samples.log_prob is not None:
         table["log_prob"] = samples.log_prob.detach().double().cpu().numpy()
     return table
+
+
+def read_samples(path: str | Path) -> tuple[PosteriorSamples, dict[str, Any]]:
+    """Read posterior samples written by :func:`samples_table` (FITS or ECSV, or their folder).
+
+    Args:
+        path: A ``samples.fits``/``samples.ecsv`` file, or a folder holding one (a ``fit``,
+            ``sample`` or ``bench`` output).
+
+    Returns:
+        The samples (float64, columns ``params.NAMES`` converted to registry units;
+        ``log_prob`` when the table has it; ``method`` from the metadata, else the folder
+        name) and the table metadata with lower-case keys.
+
+    Raises:
+        ValueError: For a missing or unreadable file or a table without every registry column.
+    """
+    import numpy as np
+    from astropy.table import Table
+
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in ("samples.fits", "samples.ecsv") if (p / n).is_file()]
+        if not found:
+            raise ValueError(f"{p}: no samples.fits or samples.ecsv in this folder")
+        p = found[0]
+    if not p.is_file():
+        raise ValueError(f"{p}: no such samples file")
+    try:
+        table = Table.read(p)
+    except Exception as err:  # noqa: BLE001 - astropy raises many types for unreadable tables
+        raise ValueError(f"{p}: cannot read a samples table ({err})") from None
+    missing = [n for n in NAMES if n not in table.colnames]
+    if missing:
+        raise ValueError(f"{p}: missing parameter column(s) {', '.join(missing)}")
+    units = {q.name: q.unit for q in REGISTRY}
+    cols = []
+    for name in NAMES:
+        col = table[name]
+        values = (
+            col.quantity.to_value(units[name]) if col.unit is not None and units[name] else col
+        )
+        cols.append(torch.as_tensor(np.asarray(values, dtype=np.float64)))
+    log_prob = None
+    if "log_prob" in table.colnames:
+        log_prob = torch.as_tensor(np.asarray(table["log_prob"], dtype=np.float64))
+    meta = {str(k).lower(): v for k, v in table.meta.items()}
+    method = str(meta.get("method", p.parent.name))
+    return PosteriorSamples(torch.stack(cols, 1), NAMES, log_prob, method), meta
 
 
 def summary_table(samples: PosteriorSamples) -> Table:

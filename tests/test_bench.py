@@ -16,6 +16,7 @@ pytest.importorskip("sklearn")
 from lensflow import cli
 from lensflow.baselines import bench, report
 from lensflow.params import NAMES
+from lensflow.sampling import read_samples
 
 #: Tiny sizes: one lens, 256 flow samples, a 10-step chain (far below 50 tau).
 TINY = bench.BenchConfig(
@@ -205,3 +206,38 @@ def test_walker_ball_at_the_prior_edge_is_inside_and_not_degenerate():
     assert np.linalg.cond(np.cov(walkers.numpy().T)) < 1e8
     spread = walkers.std(dim=0) / (prior.high - prior.low)
     torch.testing.assert_close(spread, torch.full_like(spread, 6e-4), rtol=0.35, atol=0)
+
+
+def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, capsys):
+    """A --lenses subset stores each run; --resume reads them back with the same numbers."""
+    out = tmp_path / "out"
+    cfg = dataclasses.replace(TINY, methods=("flow", "emcee"))
+    threads = torch.get_num_threads()
+    args = ["bench", "--config", "small", "--lenses", "demo_02", "--out", str(out), "--quiet"]
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setitem(bench.BENCH_CONFIGS, "small", cfg)
+        assert cli.main(args) == 0
+        first = json.loads((out / "bench-tiny.json").read_text())
+        # Spoil the flow run's record key: that run must be made again, emcee's reused.
+        folder = bench.run_folder(out, "demo_02", "flow")
+        record = json.loads((folder / "record.json").read_text())
+        assert record["run_key"] == {"config": "tiny", "model": "euclid", "seed": 2}
+        record["run_key"]["seed"] = 99
+        (folder / "record.json").write_text(json.dumps(record))
+        assert cli.main([*args, "--resume"]) == 0
+        second = json.loads((out / "bench-tiny.json").read_text())
+        bad = cli.main(["bench", "--config", "small", "--lenses", "nope", "--out", str(out)])
+    torch.set_num_threads(threads)
+    assert bad != 0 and "unknown lens(es) nope; available: demo_00" in capsys.readouterr().err
+    assert [r["lens"] for r in first["records"]] == ["demo_02", "demo_02"]
+    by1 = {r["method"]: r for r in first["records"]}
+    by2 = {r["method"]: r for r in second["records"]}
+    assert not by1["emcee"]["reused"] and by2["emcee"]["reused"]
+    assert not by2["flow"]["reused"]  # key mismatch: run again, with the lens's own seed
+    assert by2["emcee"]["median"] == by1["emcee"]["median"]
+    assert by2["flow"]["median"] == pytest.approx(by1["flow"]["median"], rel=1e-6)
+    assert by2["flow"]["c2st_vs_emcee"] == pytest.approx(by1["flow"]["c2st_vs_emcee"])
+    assert "--lenses demo_02 --resume" in second["command"]
+    samples, meta = read_samples(bench.run_folder(out, "demo_02", "emcee"))
+    assert samples.theta.shape == (42 * 10, len(NAMES)) and meta["method"] == "emcee"

@@ -42,12 +42,14 @@ __all__ = [
     "BenchConfig",
     "BenchLens",
     "BenchReport",
+    "default_catalog",
     "hardware",
     "judge_goals",
     "load_demo_lenses",
     "load_real_lenses",
     "parse_methods",
     "run_bench",
+    "run_folder",
     "stack_samples",
 ]
 
@@ -113,6 +115,9 @@ class BenchConfig:
         c2st_max_iter: Classifier epochs at most.
         n_chi2_samples: Posterior samples re-simulated for the mean reduced chi^2.
         n_coverage_samples: Samples per lens used for the coverage across lenses.
+        n_kept_samples: Each run's samples are thinned evenly to at most this many before
+            any statistic, and stored so (``run_bench(store=...)``); an emcee chain of
+            30,000 steps x 64 walkers would otherwise be 1.9 million rows.
     """
 
     name: str = "small"
@@ -139,11 +144,23 @@ class BenchConfig:
     c2st_max_iter: int = 1000
     n_chi2_samples: int = 64
     n_coverage_samples: int = 4000
+    n_kept_samples: int = 20_000
 
 
 BENCH_CONFIGS: dict[str, BenchConfig] = {
     # CPU, minutes: 3 lenses, a capped emcee chain (reported as not converged).
     "small": BenchConfig(),
+    # CPU, hours: 3 lenses, the flows against emcee chains long enough for 50 tau at
+    # tau ~ 530 (issue 3's reference point). Run one lens per process with --lenses and
+    # --resume, then merge with a last --resume run (docs/benchmarks.md).
+    "reference": BenchConfig(
+        name="reference",
+        emcee_burn=5000,
+        emcee_steps=30_000,
+        c2st_samples=5000,
+        c2st_max_iter=10_000,
+        n_coverage_samples=10_000,
+    ),
     # GPU: all 12 lenses, chains to 50 tau at issue 3's tau ~ 530 steps, every method.
     "full": BenchConfig(
         name="full",
@@ -218,6 +235,11 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def default_catalog() -> Path:
+    """The repository's demo catalog, ``catalogs/demo.ecsv``."""
+    return _repo_root() / "catalogs" / "demo.ecsv"
+
+
 def load_demo_lenses(
     n_lenses: int,
     *,
@@ -247,7 +269,7 @@ def load_demo_lenses(
     from lensflow.observation import load_observation
     from lensflow.params import NAMES, REGISTRY
 
-    catalog = Path(catalog) if catalog is not None else _repo_root() / "catalogs" / "demo.ecsv"
+    catalog = Path(catalog) if catalog is not None else default_catalog()
     truths = Path(truths) if truths is not None else catalog.with_name("demo_truth.ecsv")
     table = read_catalog(catalog)
     if not 1 <= n_lenses <= len(table):
@@ -588,6 +610,59 @@ def _c2st_vs(ref: Any, other: Any, cfg: BenchConfig, seed: int) -> float | None:
     return c2st(p, q, seed=seed, n_folds=n_folds, max_iter=cfg.c2st_max_iter)
 
 
+def _thin(samples: Any, n: int) -> Any:  # noqa: ANN401 - PosteriorSamples
+    """At most ``n`` evenly spaced samples (with their ``log_prob``)."""
+    from lensflow.sampling import PosteriorSamples
+
+    if samples.theta.shape[0] <= n:
+        return samples
+    pick = torch.linspace(0, samples.theta.shape[0] - 1, n).long()
+    lp = None if samples.log_prob is None else samples.log_prob[pick]
+    return PosteriorSamples(samples.theta[pick], samples.names, lp, samples.method)
+
+
+def run_folder(store: str | Path, lens: str, method: str) -> Path:
+    """Where ``run_bench(store=...)`` keeps one run: ``STORE/runs/<lens>/<method>/``.
+
+    The folder holds ``samples.fits`` (the thinned samples, ``sampling.samples_table``) and
+    ``record.json`` (the run's record, written last: it marks the run as complete).
+    """
+    return Path(store) / "runs" / lens / method
+
+
+def _save_run(folder: Path, record: dict[str, Any], samples: Any) -> None:  # noqa: ANN401
+    import json
+
+    from lensflow.fit import atomic_write
+    from lensflow.sampling import samples_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = samples_table(samples)
+    table.meta.update({"LENSID": record["lens"], "METHOD": record["method"]})
+    atomic_write(folder / "samples.fits", lambda p: table.write(p, format="fits", overwrite=True))
+    atomic_write(folder / "record.json",
+                 lambda p: p.write_text(json.dumps(record, indent=1) + "\n"), fsync=True)  # fmt: skip
+
+
+def _load_run(folder: Path, key: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """A stored run made with the same config, model and seed, else ``None``."""
+    import json
+
+    from lensflow.sampling import read_samples
+
+    path = folder / "record.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("run_key") != key:
+            return None
+        samples, _ = read_samples(folder / "samples.fits")
+    except (OSError, ValueError):  # a damaged run is simply run again
+        return None
+    return samples, record
+
+
 def run_bench(
     lenses: Sequence[BenchLens],
     cfg: BenchConfig,
@@ -595,9 +670,18 @@ def run_bench(
     model: str = "euclid",
     device: str | torch.device = "auto",
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    store: str | Path | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> BenchReport:
     """Run every method of ``cfg`` on every lens and measure speed and accuracy.
+
+    With ``store``, each lens x method run is written to ``run_folder(store, lens, method)``
+    as soon as it ends; with ``resume`` too, a stored run of the same config name, model and
+    lens seed is read back instead of being run again (its record says ``reused: true``).
+    Long references can so be run one lens per process (or machine) and merged by a last
+    run; the C2ST and the summary are always recomputed from the samples.
 
     Args:
         lenses: The lenses (``load_demo_lenses``, ``load_real_lenses``).
@@ -605,14 +689,20 @@ def run_bench(
         model: The flow model (shipped name or path).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; the flow and
             lensflow's likelihood run there (lenstronomy always on the CPU).
-        seed: Seed of the flow's base noise, the optimizer starts and the chains' moves.
+        seed: Seed of the flow's base noise, the optimizer starts and the chains' moves;
+            lens ``k`` uses ``seed + k`` unless ``seeds`` is given.
+        seeds: One seed per lens (the CLI passes ``seed`` + the lens's catalog position, so
+            a lens keeps its seed whichever subset is run).
+        store: Folder for the runs (``None``: keep nothing).
+        resume: Reuse matching stored runs.
         progress: Show progress bars.
 
     Returns:
         The report.
 
     Raises:
-        ValueError: For no lenses, unknown methods or an unavailable device.
+        ValueError: For no lenses, unknown methods, a seed count that does not match the
+            lenses, ``resume`` without ``store`` or an unavailable device.
     """
     from tqdm.auto import tqdm
 
@@ -623,6 +713,11 @@ def run_bench(
     if not lenses:
         raise ValueError("no lenses to benchmark")
     methods = parse_methods(cfg.methods)
+    seeds = [seed + k for k in range(len(lenses))] if seeds is None else list(seeds)
+    if len(seeds) != len(lenses):
+        raise ValueError(f"{len(seeds)} seeds for {len(lenses)} lenses")
+    if resume and store is None:
+        raise ValueError("resume needs a store folder")
     dev = resolve_device(device)
     hw = hardware(dev)
     trained = load_model(model, device=dev)
@@ -641,14 +736,10 @@ def run_bench(
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
         notes.append(f"flow+feedback: the {feedback_kind} control net {weights.name} "
                      f"(sha256 {digest}...)")  # fmt: skip
-    flows = [m for m in ("flow", "flow+feedback") if m in methods]
-    flows = [m for m in flows if m == "flow" or feedback_kind != "none"]
-    for m in flows:  # warm-up: model load, control net load, first-call overheads
-        fit_lenses([lenses[0].observation], model=model, n=16, seeds=[seed], device=dev,
-                   feedback="none" if m == "flow" else "auto")  # fmt: skip
+    warm: set[str] = set()
     sim_cfg = trained.simulator
     bar = tqdm(total=len(lenses) * len(methods), desc="bench", unit="run", disable=not progress)
-    for k, lens in enumerate(lenses):
+    for lens, lens_seed in zip(lenses, seeds, strict=True):
         obs = lens.observation
         lens_cfg = dataclasses.replace(sim_cfg, n_pix=obs.shape[0],
                                        pixel_scale_arcsec=obs.pixel_scale_arcsec)  # fmt: skip
@@ -661,9 +752,24 @@ def run_bench(
                 records.append(rec)
                 bar.update()
                 continue
+            key = {"config": cfg.name, "model": str(model), "seed": lens_seed}
+            folder = None if store is None else run_folder(store, lens.name, method)
+            stored = _load_run(folder, key) if resume and folder is not None else None
+            if stored is not None:
+                post, rec = stored
+                rec.pop("c2st_vs_emcee", None)
+                rec.update(reused=True, run_folder=str(folder))
+                samples[(lens.name, method)] = post
+                records.append(rec)
+                bar.update()
+                continue
             if method in ("flow", "flow+feedback"):
                 fb = "none" if method == "flow" else "auto"
-                result = fit_lenses([obs], model=model, n=cfg.n_flow_samples, seeds=[seed + k],
+                if method not in warm:  # model and control net loads, first-call overheads
+                    fit_lenses([obs], model=model, n=16, seeds=[lens_seed], device=dev,
+                               feedback=fb)  # fmt: skip
+                    warm.add(method)
+                result = fit_lenses([obs], model=model, n=cfg.n_flow_samples, seeds=[lens_seed],
                                     device=dev, feedback=fb)[0]  # fmt: skip
                 post = result.samples
                 t = result.timings["sample"]
@@ -673,7 +779,7 @@ def run_bench(
                 )  # fmt: skip
             else:
                 try:
-                    post, extra = _run_mcmc(method, lens, cfg, lens_cfg, dev, seed + k, start,
+                    post, extra = _run_mcmc(method, lens, cfg, lens_cfg, dev, lens_seed, start,
                                             progress)  # fmt: skip
                 except (ValueError, RuntimeError) as err:  # one failure must not end the run
                     rec.update(status="failed", note=f"{type(err).__name__}: {err}")
@@ -681,7 +787,10 @@ def run_bench(
                     bar.update()
                     continue
                 rec.update(status="ok", **extra)
-            rec.update(_accuracy(post, lens, trained, cfg))
+            post = _thin(post, cfg.n_kept_samples)
+            rec.update(_accuracy(post, lens, trained, cfg), run_key=key, reused=False)
+            if folder is not None:
+                _save_run(folder, rec, post)
             samples[(lens.name, method)] = post
             records.append(rec)
             bar.update()
@@ -690,7 +799,7 @@ def run_bench(
             if rec["lens"] != lens.name or rec["status"] != "ok" or rec["method"] == "emcee":
                 continue
             rec["c2st_vs_emcee"] = None if ref is None else _c2st_vs(
-                ref, samples[(lens.name, rec["method"])], cfg, seed)  # fmt: skip
+                ref, samples[(lens.name, rec["method"])], cfg, lens_seed)  # fmt: skip
     bar.close()
     truths = {lens.name: lens.truth for lens in lenses if lens.truth is not None}
     summary = _summarize(records, samples, truths, methods, cfg)
