@@ -31,6 +31,7 @@ at that I/O edge) for CPU work and exact reproducibility.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 
 from lensflow.config import DataConfig, SimulatorConfig
-from lensflow.observation import Observation
+from lensflow.observation import Observation, kernel_fwhm_pix
 from lensflow.params import NAMES
 from lensflow.prior import Prior
 from lensflow.simulator import LensSimulator, gaussian_psf, pool_psf
@@ -52,6 +53,7 @@ __all__ = [
     "H5Pairs",
     "Pairs",
     "SimulatedPairs",
+    "conditioning_fwhm_arcsec",
     "network_input",
     "observation_input",
     "random_masks",
@@ -115,14 +117,66 @@ def network_input(
     return torch.stack([snr, log_sigma, m, fwhm_pix], dim=1)
 
 
-def observation_input(observations: list[Observation], *, reference_rms: float) -> Tensor:
+@functools.lru_cache(maxsize=8)
+def _pooled_fwhm_table(upsample_factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grid FWHM (native pixels) and the Gaussian-fit FWHM of its pooled native kernel."""
+    grid = np.geomspace(0.3, 16.0, 81)
+    fitted = [
+        kernel_fwhm_pix(pool_psf(gaussian_psf(float(f), 1.0 / upsample_factor), upsample_factor))
+        for f in grid
+    ]
+    return grid, np.asarray(fitted)
+
+
+def conditioning_fwhm_arcsec(observation: Observation, upsample_factor: int) -> float:
+    """The PSF FWHM a model is conditioned on for an observation's pixel-integrated kernel.
+
+    Training images are rendered with a Gaussian PSF of FWHM ``F`` at the supersampled scale
+    and then pooled to native pixels, and the network is told ``F``. An observation's kernel
+    is the native, pixel-integrated PSF (docs/conventions.md), whose Gaussian fit
+    (``Observation.psf_fwhm_arcsec``) is wider than ``F`` by the pixel box: +9% at 0.16"
+    on a 0.1" grid. This returns the ``F`` whose training kernel,
+    ``pool_psf(gaussian_psf(F, scale / up), up)``, has the same Gaussian-fit FWHM as the
+    observation's kernel (a monotone table, interpolated; beyond 16 pixels the box is
+    removed in quadrature; below the table's smallest kernel, 0.3 pixels).
+
+    Args:
+        observation: The observation (its ``psf`` and ``pixel_scale_arcsec``).
+        upsample_factor: The model's supersampling factor (``SimulatorConfig``).
+
+    Returns:
+        FWHM in arcsec; 0 for a 1 x 1 kernel.
+
+    Example:
+        >>> from lensflow.simulator import gaussian_psf, pool_psf
+        >>> kernel = pool_psf(gaussian_psf(0.16, 0.05), 2)  # rendered at FWHM 0.16", 0.1"/px
+        >>> obs = Observation(torch.zeros(8, 8), torch.ones(8, 8), kernel.float(), 0.1,
+        ...                   torch.ones(8, 8, dtype=torch.bool))
+        >>> round(obs.psf_fwhm_arcsec, 3), round(conditioning_fwhm_arcsec(obs, 2), 3)
+        (0.174, 0.16)
+    """
+    fitted = observation.psf_fwhm_arcsec / observation.pixel_scale_arcsec
+    if fitted == 0:
+        return 0.0
+    grid, table = _pooled_fwhm_table(int(upsample_factor))
+    if fitted > table[-1]:
+        pix = math.sqrt(fitted**2 - (table[-1] ** 2 - grid[-1] ** 2))
+    else:
+        pix = float(np.interp(fitted, table, grid))
+    return pix * observation.pixel_scale_arcsec
+
+
+def observation_input(
+    observations: list[Observation], *, reference_rms: float, upsample_factor: int
+) -> Tensor:
     """The network input of real (or loaded) observations, all on one pixel grid.
 
     Args:
         observations: Observations of equal shape and pixel scale (cut with
-            ``cutouts.cut_to_fov``); their PSF FWHM is the Gaussian fit
-            ``Observation.psf_fwhm_arcsec``.
+            ``cutouts.cut_to_fov``); the PSF channel is :func:`conditioning_fwhm_arcsec`
+            of each kernel.
         reference_rms: The model's fixed noise scale, image units.
+        upsample_factor: The model's supersampling factor.
 
     Returns:
         Network input, shape ``(B, 4, H, W)``, in the first observation's dtype.
@@ -140,11 +194,12 @@ def observation_input(observations: list[Observation], *, reference_rms: float) 
                 f"arcsec/px; expected {first.shape} at {first.pixel_scale_arcsec}"
             )
     dtype, device = first.image.dtype, first.image.device
+    fwhm = [conditioning_fwhm_arcsec(o, upsample_factor) for o in observations]
     return network_input(
         torch.stack([o.image.to(device, dtype) for o in observations]),
         torch.stack([o.sigma.to(device, dtype) for o in observations]),
         torch.stack([o.mask.to(device) for o in observations]),
-        torch.tensor([o.psf_fwhm_arcsec for o in observations], dtype=dtype, device=device),
+        torch.tensor(fwhm, dtype=dtype, device=device),
         pixel_scale_arcsec=first.pixel_scale_arcsec,
         reference_rms=reference_rms,
     )
@@ -326,16 +381,16 @@ class SimulatedPairs:
         return out
 
     def observations(
-        self, pairs: Pairs, *, psf_kernel: str = "point", prefix: str = "heldout"
+        self, pairs: Pairs, *, psf_kernel: str = "pooled", prefix: str = "heldout"
     ) -> list[Observation]:
         """The examples of ``pairs`` as ``Observation`` objects, as a user would load them.
 
         Each gets its image, noise map and mask, and the *native-pixel* PSF kernel of its
-        grid FWHM: the Gaussian point-sampled at the pixel scale (``"point"``, as
-        ``mocks.write_mock_fits`` writes it; its Gaussian-fit FWHM, the network's PSF
-        conditioning, is the grid FWHM) or pixel-integrated from the simulator's fine
-        Gaussian (``"pooled"``; what the simulator renders, but its fitted FWHM is wider by
-        the pixel box, docs/training.md).
+        grid FWHM: pixel-integrated from the simulator's fine Gaussian (``"pooled"``, the
+        default: what the simulator rendered and what ``mocks.write_mock_fits`` writes; the
+        likelihood reads it exactly and :func:`conditioning_fwhm_arcsec` maps it back to the
+        grid FWHM) or the Gaussian point-sampled at the pixel scale (``"point"``: too sharp
+        by the pixel box, for the likelihood and for the network's PSF conditioning).
 
         Args:
             pairs: Examples drawn from this source (or rendered like them).

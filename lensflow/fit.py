@@ -46,6 +46,7 @@ from torch import Tensor
 from lensflow import __version__
 from lensflow.config import PRESETS
 from lensflow.cutouts import cut_to_fov
+from lensflow.data import conditioning_fwhm_arcsec
 from lensflow.observation import Observation, load_observation
 from lensflow.params import REGISTRY
 from lensflow.sampling import PosteriorSamples, sample_posteriors, samples_table
@@ -513,10 +514,12 @@ def diagnose(
     if math.isfinite(coherence) and coherence > RELIABILITY["residual_coherence_max"]:
         reasons.append(f"structured residuals (coherence {coherence:.2f})")
     lo, hi = d.psf_fwhm_min_arcsec * (1 - tol), d.psf_fwhm_max_arcsec * (1 + tol)
-    if not lo <= fwhm <= hi:
+    # The training range is of the Gaussian before the pixel box (data.conditioning_fwhm_arcsec).
+    grid_fwhm = conditioning_fwhm_arcsec(obs, model.simulator.upsample_factor)
+    if not lo <= grid_fwhm <= hi:
         reasons.append(
-            f'PSF FWHM {fwhm:.3f}" outside the training range '
-            f'{d.psf_fwhm_min_arcsec:.3f}-{d.psf_fwhm_max_arcsec:.3f}"'
+            f'PSF FWHM {grid_fwhm:.3f}" (kernel fit {fwhm:.3f}" less the pixel box) outside '
+            f'the training range {d.psf_fwhm_min_arcsec:.3f}-{d.psf_fwhm_max_arcsec:.3f}"'
         )
     lo, hi = d.background_rms_min * (1 - tol), d.background_rms_max * (1 + 2 * tol)
     if not lo <= noise <= hi:

@@ -45,6 +45,7 @@ from torch import Tensor
 __all__ = [
     "Observation",
     "ObservationError",
+    "kernel_fwhm_pix",
     "load_observation",
     "read_fits",
     "read_hdf5",
@@ -169,7 +170,7 @@ class Observation:
         of the 3x3 pixels around the peak, with free amplitude; the width is found to about
         0.02% by grid search. Wings and truncation barely change it. A 1x1 PSF gives 0.
         """
-        return _psf_fwhm_pix(self.psf) * self.pixel_scale_arcsec
+        return kernel_fwhm_pix(self.psf) * self.pixel_scale_arcsec
 
     @property
     def snr(self) -> float:
@@ -207,8 +208,16 @@ class Observation:
         )
 
 
-def _psf_fwhm_pix(psf: Tensor) -> float:
-    """FWHM in pixels of the least-squares circular Gaussian (sampled at pixel centres)."""
+def kernel_fwhm_pix(psf: Tensor) -> float:
+    """FWHM in pixels of the least-squares circular Gaussian (sampled at pixel centres).
+
+    Args:
+        psf: Kernel, shape ``(k, k)``, ``k`` odd.
+
+    Returns:
+        The FWHM in pixels (``Observation.psf_fwhm_arcsec`` divided by the pixel scale);
+        0 for a 1 x 1 kernel.
+    """
     p = psf.detach().to(device="cpu", dtype=torch.float64)
     k = p.shape[-1]
     if k == 1:

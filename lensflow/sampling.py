@@ -200,7 +200,8 @@ def sample_posteriors(
         starts = tqdm(starts, desc=f"sample ({method})", unit="chunk")
     for start in starts:
         part = cut[start : start + chunk]
-        x = observation_input(part, reference_rms=model.data.reference_rms)
+        x = observation_input(part, reference_rms=model.data.reference_rms,
+                              upsample_factor=model.simulator.upsample_factor)  # fmt: skip
         noise = None
         if seeds is not None:
             noise = _lens_noise(seeds[start : start + chunk], n, dim, parameter)

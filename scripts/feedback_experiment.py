@@ -220,9 +220,10 @@ def main() -> None:
     p.add_argument(
         "--psf-kernel",
         choices=["point", "pooled"],
-        default="point",
-        help="--evaluate: observation PSF kernel, the Gaussian point-sampled at the "
-        "pixel scale or pixel-integrated from the generator's fine Gaussian",
+        default="pooled",
+        help="--evaluate: observation PSF kernel, pixel-integrated from the generator's fine "
+        "Gaussian (default: what the simulator rendered) or the Gaussian point-sampled at "
+        "the pixel scale (the default before commit 'conditioning_fwhm_arcsec')",
     )
     p.add_argument(
         "--lenstronomy-numerics", choices=["none", "matched", "independent"], default="none",

@@ -8,6 +8,7 @@ from lensflow.data import (
     N_CHANNELS,
     H5Pairs,
     SimulatedPairs,
+    conditioning_fwhm_arcsec,
     network_input,
     observation_input,
     random_masks,
@@ -16,7 +17,7 @@ from lensflow.data import (
 from lensflow.mocks import write_mock_fits
 from lensflow.observation import load_observation
 from lensflow.params import NAMES
-from lensflow.simulator import gaussian_psf
+from lensflow.simulator import gaussian_psf, pool_psf
 
 TINY = SimulatorConfig(name="tiny", n_pix=16, pixel_scale_arcsec=0.3, upsample_factor=1,
                        psf_fwhm_arcsec=0.5)  # fmt: skip
@@ -75,12 +76,15 @@ def test_network_input_masks_and_channels():
 def test_network_input_same_for_simulated_and_loaded_observation(pairs, tmp_path):
     batch = pairs.sample(1, generator=torch.Generator().manual_seed(3))
     fwhm = float(batch.psf_fwhm_arcsec[0])
-    path = write_mock_fits(tmp_path / "lens.fits", batch.image[0], batch.sigma[0],
-                           gaussian_psf(fwhm, TINY.pixel_scale_arcsec), TINY)  # fmt: skip
+    up = TINY.upsample_factor
+    # The kernel a user has: the native, pixel-integrated PSF the simulator rendered with.
+    kernel = pool_psf(gaussian_psf(fwhm, TINY.pixel_scale_arcsec / up), up)
+    path = write_mock_fits(tmp_path / "lens.fits", batch.image[0], batch.sigma[0], kernel, TINY)
     obs = load_observation(path)
-    x_obs = observation_input([obs], reference_rms=TINY_DATA.reference_rms).float()
-    # Image channels: float32 FITS round trip. PSF channel: the Gaussian fit of the kernel
-    # recovers the FWHM to ~5e-5 relative for a pixel-sampled Gaussian 1.3-2 px wide.
+    x_obs = observation_input([obs], reference_rms=TINY_DATA.reference_rms,
+                              upsample_factor=up).float()  # fmt: skip
+    # Image channels: float32 FITS round trip. PSF channel: the Gaussian fit of the kernel,
+    # less the pixel box (data.conditioning_fwhm_arcsec), recovers the grid FWHM to 5e-4.
     torch.testing.assert_close(x_obs[:, :3], batch.x[:, :3], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_obs[:, 3], batch.x[:, 3], rtol=5e-4, atol=0)
 
@@ -155,14 +159,20 @@ def test_observations_of_pairs_fit_their_truth_at_chi2_one():
                       mask_probability=0.5)  # fmt: skip
     source = SimulatedPairs(sim, data)
     test = source.sample(16, generator=torch.Generator().manual_seed(2))
-    point, pooled = source.observations(test), source.observations(test, psf_kernel="pooled")
-    assert [o.name for o in point[:2]] == ["heldout0", "heldout1"]
-    assert all(torch.equal(o.mask, m) for o, m in zip(point, test.mask, strict=True))
+    point, pooled = source.observations(test, psf_kernel="point"), source.observations(test)
+    assert [o.name for o in pooled[:2]] == ["heldout0", "heldout1"]
+    assert all(torch.equal(o.mask, m) for o, m in zip(pooled, test.mask, strict=True))
     grid = [source.psf_grid_arcsec[k] for k in source.psf_index(test.psf_fwhm_arcsec).tolist()]
     for o, p, f in zip(point, pooled, grid, strict=True):
-        assert abs(o.psf_fwhm_arcsec - f) < 1e-4  # the conditioning the network was trained on
-        # the pixel-integrated kernel fits wider, by the pixel box in quadrature (to 2%)
+        assert abs(o.psf_fwhm_arcsec - f) < 1e-4  # a point-sampled Gaussian fits its FWHM
+        # the pixel-integrated kernel fits wider, by the pixel box in quadrature (to 2%) ...
         assert p.psf_fwhm_arcsec**2 == pytest.approx(f**2 + 0.462 * 0.1**2, rel=0.02)
+        # ... and the network is conditioned on the grid FWHM it was rendered with
+        assert conditioning_fwhm_arcsec(p, 2) == pytest.approx(f, abs=2e-4)
+        # without supersampling the training kernel is point-sampled: nothing to remove
+        assert conditioning_fwhm_arcsec(o, 1) == pytest.approx(f, abs=2e-4)
+    x = observation_input(pooled, reference_rms=data.reference_rms, upsample_factor=2)
+    assert torch.allclose(x[:, 3].amax(dim=(1, 2)), torch.tensor(grid) / 0.1 / 2, atol=2e-3)
     # The likelihood built from the pooled kernels re-renders the truth to chi^2 / n ~ 1
     # (1,024 pixels per lens: the mean of 16 has a standard error of about 0.011). The
     # point-sampled kernel, read as pixel-integrated (docs/conventions.md), is too sharp.
