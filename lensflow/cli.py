@@ -320,17 +320,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _registry_values(table: Table, name: str) -> np.ndarray:
-    """Column ``name`` of a table in the registry's unit (a column without unit is taken
-    to be in it already), float64."""
-    import numpy as np
+    """Column ``name`` in the registry's unit (``sampling.registry_values``)."""
+    from lensflow.sampling import registry_values
 
-    from lensflow.params import REGISTRY
-
-    unit = next(p.unit for p in REGISTRY if p.name == name)
-    col = table[name]
-    if col.unit is not None and unit:
-        return np.asarray(col.quantity.to_value(unit), dtype=np.float64)
-    return np.asarray(col, dtype=np.float64)
+    return registry_values(table, name)
 
 
 def _read_samples(path: str) -> tuple[object, str]:

@@ -33,12 +33,14 @@ from lensflow.observation import Observation
 from lensflow.params import NAMES, REGISTRY
 
 if TYPE_CHECKING:
+    import numpy as np
     from astropy.table import Table
 
 __all__ = [
     "FEEDBACK_CHOICES",
     "PosteriorSamples",
     "read_samples",
+    "registry_values",
     "resolve_feedback",
     "sample_posterior",
     "sample_posteriors",
@@ -280,6 +282,27 @@ def samples_table(samples: PosteriorSamples) -> Table:
     return table
 
 
+def registry_values(table: Table, name: str) -> np.ndarray:
+    """Column ``name`` of an astropy table in the registry's unit, as float64.
+
+    A column without a unit is taken to be in the registry's unit already.
+
+    Args:
+        table: Table with a column ``name`` (a registry parameter).
+        name: Registry name, e.g. ``"lens_theta_e"``.
+
+    Returns:
+        The values, shape ``(len(table),)``.
+    """
+    import numpy as np
+
+    unit = next(p.unit for p in REGISTRY if p.name == name)
+    col = table[name]
+    if col.unit is not None and unit:
+        return np.asarray(col.quantity.to_value(unit), dtype=np.float64)
+    return np.asarray(col, dtype=np.float64)
+
+
 def read_samples(path: str | Path) -> tuple[PosteriorSamples, dict[str, Any]]:
     """Read posterior samples written by :func:`samples_table` (FITS or ECSV, or their folder).
 
@@ -313,14 +336,7 @@ def read_samples(path: str | Path) -> tuple[PosteriorSamples, dict[str, Any]]:
     missing = [n for n in NAMES if n not in table.colnames]
     if missing:
         raise ValueError(f"{p}: missing parameter column(s) {', '.join(missing)}")
-    units = {q.name: q.unit for q in REGISTRY}
-    cols = []
-    for name in NAMES:
-        col = table[name]
-        values = (
-            col.quantity.to_value(units[name]) if col.unit is not None and units[name] else col
-        )
-        cols.append(torch.as_tensor(np.asarray(values, dtype=np.float64)))
+    cols = [torch.as_tensor(registry_values(table, name)) for name in NAMES]
     log_prob = None
     if "log_prob" in table.colnames:
         log_prob = torch.as_tensor(np.asarray(table["log_prob"], dtype=np.float64))
