@@ -487,13 +487,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--lenses: unknown lens(es) {', '.join(unknown)}; available: "
                              f"{', '.join(names)}")  # fmt: skip
         picked = [(names[w], lenses[names[w]]) for w in dict.fromkeys(wanted)]
+    lenses = [lens for _, lens in picked]
     torch.manual_seed(args.seed)
-    result = bench.run_bench([lens for _, lens in picked], cfg, model=args.model,
-                             device=args.device, seed=args.seed,
+    result = bench.run_bench(lenses, cfg, model=args.model, device=args.device, seed=args.seed,
                              seeds=[args.seed + k for k, _ in picked], store=out,
                              resume=args.resume, progress=not args.quiet)  # fmt: skip
     result = dataclasses.replace(result, notes=(*result.notes, *notes))
-    lenses = [lens for _, lens in picked]
     parts = ["--config", args.config, "--methods", ",".join(cfg.methods), "--n-lenses",
              str(cfg.n_lenses), "--seed", str(args.seed), "--threads", str(args.threads),
              "--device", args.device, "--out", str(out)]  # fmt: skip

@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -147,27 +148,28 @@ class BenchConfig:
     n_kept_samples: int = 20_000
 
 
+#: CPU, hours: 3 lenses, the flows against emcee chains long enough for 50 tau at
+#: tau ~ 530 (issue 3's reference point). Run one lens per process with --lenses and
+#: --resume, then merge with a last --resume run (docs/benchmarks.md).
+_REFERENCE = BenchConfig(
+    name="reference",
+    emcee_burn=5000,
+    emcee_steps=30_000,
+    c2st_samples=5000,
+    c2st_max_iter=10_000,
+    n_coverage_samples=10_000,
+)
+
 BENCH_CONFIGS: dict[str, BenchConfig] = {
     # CPU, minutes: 3 lenses, a capped emcee chain (reported as not converged).
     "small": BenchConfig(),
-    # CPU, hours: 3 lenses, the flows against emcee chains long enough for 50 tau at
-    # tau ~ 530 (issue 3's reference point). Run one lens per process with --lenses and
-    # --resume, then merge with a last --resume run (docs/benchmarks.md).
-    "reference": BenchConfig(
-        name="reference",
-        emcee_burn=5000,
-        emcee_steps=30_000,
-        c2st_samples=5000,
-        c2st_max_iter=10_000,
-        n_coverage_samples=10_000,
-    ),
-    # GPU: all 12 lenses, chains to 50 tau at issue 3's tau ~ 530 steps, every method.
-    "full": BenchConfig(
+    "reference": _REFERENCE,
+    # GPU: the reference's chains and C2ST on all 12 lenses, with every method.
+    "full": dataclasses.replace(
+        _REFERENCE,
         name="full",
         n_lenses=12,
         methods=METHODS,
-        emcee_burn=5000,
-        emcee_steps=30_000,
         nuts_samples=1000,
         nuts_warmup=1000,
         nuts_chains=4,
@@ -176,9 +178,6 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
         lt_iterations=400,
         lt_burn=5000,
         lt_steps=30_000,
-        c2st_samples=5000,
-        c2st_max_iter=10_000,
-        n_coverage_samples=10_000,
     ),
 }
 
@@ -631,8 +630,6 @@ def run_folder(store: str | Path, lens: str, method: str) -> Path:
 
 
 def _save_run(folder: Path, record: dict[str, Any], samples: Any) -> None:  # noqa: ANN401
-    import json
-
     from lensflow.fit import atomic_write
     from lensflow.sampling import samples_table
 
@@ -646,8 +643,6 @@ def _save_run(folder: Path, record: dict[str, Any], samples: Any) -> None:  # no
 
 def _load_run(folder: Path, key: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
     """A stored run made with the same config, model and seed, else ``None``."""
-    import json
-
     from lensflow.sampling import read_samples
 
     path = folder / "record.json"
