@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import numpy as np
-    from astropy.table import Table
-
     from lensflow.observation import Observation
 
 __all__ = ["main"]
@@ -319,13 +316,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry_values(table: Table, name: str) -> np.ndarray:
-    """Column ``name`` in the registry's unit (``sampling.registry_values``)."""
-    from lensflow.sampling import registry_values
-
-    return registry_values(table, name)
-
-
 def _read_samples(path: str) -> tuple[object, str]:
     """Posterior samples from a ``fit``/``sample`` output (FITS/ECSV table or its folder)."""
     from lensflow.sampling import read_samples
@@ -339,6 +329,7 @@ def _cmd_corner(args: argparse.Namespace) -> int:
 
     from lensflow.params import NAMES
     from lensflow.plots import CORNER_LEVELS, corner_plot
+    from lensflow.sampling import registry_values
 
     posts, ids = zip(*(_read_samples(s) for s in args.samples), strict=True)
     params = [p.strip() for p in args.params.split(",")] if args.params else list(NAMES)
@@ -361,7 +352,7 @@ def _cmd_corner(args: argparse.Namespace) -> int:
         missing = [p for p in params if p not in table.colnames]
         if missing:
             raise ValueError(f"{args.truths}: no column(s) {', '.join(missing)}")
-        truths = [float(_registry_values(table, p)[0]) for p in params]
+        truths = [float(registry_values(table, p)[0]) for p in params]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     corner_plot(list(posts), [out], labels=labels, params=params, truths=truths,
@@ -407,6 +398,7 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     from lensflow.metrics import interval_coverage
     from lensflow.params import NAMES
     from lensflow.plots import coverage_plot
+    from lensflow.sampling import registry_values
 
     run = Path(args.run)
     if not (run / "lenses").is_dir():
@@ -416,7 +408,7 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"{args.truths}: missing column(s) {', '.join(missing)}")
     values = torch.stack(
-        [torch.as_tensor(_registry_values(truths, n), dtype=torch.float64) for n in NAMES], 1
+        [torch.as_tensor(registry_values(truths, n), dtype=torch.float64) for n in NAMES], 1
     )
     samples, truth, skipped = [], [], []
     for k, lens_id in enumerate(truths["id"]):
