@@ -205,7 +205,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from lensflow.checkpoint import load_model, save_control
+    from lensflow.checkpoint import load_control, load_model, save_control
     from lensflow.config import run_provenance
     from lensflow.feedback import FinetuneConfig, finetune_lens
 
@@ -225,9 +225,23 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if not 0 <= args.mask_probability <= 1:
             raise ValueError(f"--mask-probability {args.mask_probability} must be in [0, 1]")
         data = dataclasses.replace(data, mask_probability=args.mask_probability)
+    init, init_record = None, None
+    if args.init is not None:
+        init = load_control(args.init, model)  # checks the base weights
+        if init.kind != args.signal:
+            raise ValueError(f"--init {args.init} is a {init.kind} control net, not {args.signal}")
+        if abs(init.t_start - args.t_start) > 1e-12:
+            raise ValueError(f"--init {args.init} was trained for --t-start {init.t_start}, "
+                             f"not {args.t_start}")  # fmt: skip
+        before = init.meta.get("training", {})
+        init_record = {"path": str(init.path), "steps": before.get("steps"),
+                       "device": before.get("device")}  # fmt: skip
     cfg = FinetuneConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          t_start=args.t_start, n_steps_sample=args.n_steps_sample,
                          solver=args.solver, time_limit_s=args.time_limit)  # fmt: skip
+    if init is not None:  # keep the init's shape in the record
+        c = init.control
+        cfg = dataclasses.replace(cfg, width=c.width, n_blocks=c.n_blocks, time_dim=c.time_dim)
     losses: list[float] = []
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -235,6 +249,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         model, args.signal, cfg, generator=torch.Generator(device).manual_seed(args.seed),
         device=device, progress=not args.quiet,
         callback=lambda _step, loss: losses.append(loss), data=data,
+        init=None if init is None else init.control,
+        init_encoder=None if init is None else init.encoder,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     k = max(1, len(losses) // 10)
@@ -249,6 +265,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         "data_config": dataclasses.asdict(data),
         "command": "lensflow " + " ".join(sys.argv[1:]),
     }  # fmt: skip
+    if init_record is not None:
+        training["init"] = init_record
+        if isinstance(init_record["steps"], int):
+            training["steps_total"] = init_record["steps"] + len(losses)
     status = args.status or (
         "provisional: CPU-trained" if not str(device).startswith("cuda") else "GPU-trained"
     )
@@ -640,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="wall-clock budget in seconds: the learning rate decays over "
                    "whichever of steps and time runs out first, then training stops")  # fmt: skip
+    p.add_argument("--init", default=None, metavar="CONTROL",
+                   help="continue training this control net of the same signal and model "
+                   "(a kind beside the model, a shipped name such as hst-gradient, or a "
+                   "path); the learning rate restarts its cosine from --lr")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_finetune)

@@ -844,6 +844,7 @@ def finetune(
     data: Callable[[int, torch.Generator | None], FeedbackBatch],
     cfg: FinetuneConfig | None = None, *, generator: torch.Generator | None = None,
     progress: bool = False, callback: Callable[[int, float], None] | None = None,
+    init: ControlNet | None = None,
 ) -> ControlledPosterior:  # fmt: skip
     """Finetune a control network on a frozen copy of ``posterior``.
 
@@ -860,15 +861,31 @@ def finetune(
         generator: Torch generator for batches, times and noise.
         progress: Show a tqdm progress bar.
         callback: Called as ``callback(step, loss)`` after every step.
+        init: Continue from this control net (a copy; its weights are not modified)
+            instead of a zero-initialized one: a warm restart, with the learning rate
+            starting its cosine again. Its shape is kept (``cfg.width``, ``n_blocks`` and
+            ``time_dim`` are then unused).
 
     Returns:
         The controlled posterior (in ``eval`` mode).
+
+    Raises:
+        ValueError: If ``init`` does not fit the flow's dimension or the signal's width.
     """
     cfg = cfg or FinetuneConfig()
-    control = ControlNet(
-        posterior.field.dim, signal.dim, width=cfg.width, n_blocks=cfg.n_blocks,
-        time_dim=cfg.time_dim,
-    )  # fmt: skip
+    if init is None:
+        control = ControlNet(
+            posterior.field.dim, signal.dim, width=cfg.width, n_blocks=cfg.n_blocks,
+            time_dim=cfg.time_dim,
+        )  # fmt: skip
+    elif (init.dim, init.signal_dim) != (posterior.field.dim, signal.dim):
+        raise ValueError(
+            f"init control net takes {init.dim} parameters and a {init.signal_dim}-wide "
+            f"signal, but the flow has {posterior.field.dim} and the signal "
+            f"{type(signal).__name__} is {signal.dim} wide"
+        )
+    else:
+        control = copy.deepcopy(init).requires_grad_(True)
     model = ControlledPosterior(
         copy.deepcopy(posterior), control, signal, t_start=cfg.t_start,
         n_steps=cfg.n_steps_sample, solver=cfg.solver, chunk_size=cfg.chunk_size,
@@ -918,7 +935,8 @@ def finetune_lens(
     model: TrainedPosterior, kind: str, cfg: FinetuneConfig | None = None, *,
     generator: torch.Generator | None = None, device: torch.device | str = "cpu",
     progress: bool = False, callback: Callable[[int, float], None] | None = None,
-    data: DataConfig | None = None,
+    data: DataConfig | None = None, init: ControlNet | None = None,
+    init_encoder: nn.Module | None = None,
 ) -> ControlledPosterior:  # fmt: skip
     """Finetune a lens control network on simulated lenses spanning the model's data ranges.
 
@@ -941,10 +959,18 @@ def finetune_lens(
         data: Seeing, depth and mask ranges of the training lenses (default: the model's
             own, ``model.data``); e.g. with ``mask_probability > 0`` the control net learns
             masked cutouts, whose masked pixels the cost leaves out.
+        init: Continue from this control net (see ``finetune``), e.g. the ``control`` of
+            ``checkpoint.load_control``.
+        init_encoder: With ``kind="learned"``: continue from this residual encoder (a
+            copy) instead of a fresh one; its output width must be ``init``'s signal
+            width.
 
     Returns:
         The controlled posterior (on ``device``, ``eval`` mode); its signal's cost holds the
         training simulators, so use ``checkpoint.load_control`` to sample observations.
+
+    Raises:
+        ValueError: If ``init_encoder`` is given without ``init`` or for another kind.
     """
     from lensflow.data import SimulatedPairs
     from lensflow.simulator import LensSimulator, gaussian_psf, pool_psf
@@ -960,6 +986,11 @@ def finetune_lens(
     ]  # fmt: skip
     cost = GaussianCost(sims, transform)
     signal = make_signal(kind, cost, base.field.dim)
+    if init_encoder is not None:
+        if kind != "learned" or init is None:
+            raise ValueError("init_encoder needs kind='learned' and the init control net")
+        encoder = copy.deepcopy(init_encoder).requires_grad_(True)
+        signal = ResidualSignal(cost, encoder, init.signal_dim)
     if isinstance(signal, nn.Module):
         signal.to(device)
 
@@ -970,7 +1001,7 @@ def finetune_lens(
         return FeedbackBatch(transform.to_u(p.theta), p.x, obs)
 
     return finetune(base, signal, draw, cfg, generator=generator, progress=progress,
-                    callback=callback)  # fmt: skip
+                    callback=callback, init=init)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -3,6 +3,7 @@ with an analytic posterior, and of the lens-image signal on a tiny 16x16 grid.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -201,6 +202,29 @@ def test_finetune_leaves_base_bit_identical_and_trains_control():
     assert all(p.requires_grad for p in post.parameters())  # the caller's flow is untouched
     assert not any(p.requires_grad for p in tuned.base.parameters())
     assert tuned.control.mlp.out[-1].weight.abs().sum() > 0  # the control moved off zero
+
+
+def test_finetune_continues_from_init_control_without_touching_it():
+    post, signal = tiny_flow(), GradientSignal(toy_cost, D)
+    cfg = FinetuneConfig(n_steps=20, batch_size=32, width=16, n_blocks=1)
+    first = finetune(post, signal, toy_data, cfg, generator=torch.Generator().manual_seed(0))
+    init = first.control
+    snapshot = {k: v.clone() for k, v in init.state_dict().items()}
+    # lr = 0: the continued net is the init, bit for bit (AdamW's decay is lr * wd = 0).
+    still = finetune(post, signal, toy_data, dataclasses.replace(cfg, n_steps=3, lr=0.0),
+                     generator=torch.Generator().manual_seed(1), init=init)  # fmt: skip
+    for k, v in still.control.state_dict().items():
+        assert torch.equal(v, snapshot[k])
+    # Trained further: the control moves on, its own shape is kept, the init is untouched.
+    more = finetune(post, signal, toy_data, dataclasses.replace(cfg, n_steps=5, width=64),
+                    generator=torch.Generator().manual_seed(1), init=init)  # fmt: skip
+    assert more.control.width == 16 and more.control is not init
+    assert any(not torch.equal(v, snapshot[k]) for k, v in more.control.state_dict().items())
+    for k, v in init.state_dict().items():
+        assert torch.equal(v, snapshot[k])
+    with pytest.raises(ValueError, match="7-wide signal"):
+        finetune(post, ZeroSignal(D + 3), toy_data, cfg, init=random_control(
+            tiny_flow(), ZeroSignal(7)).control)  # fmt: skip
 
 
 def test_finetune_time_limit_stops_early_but_takes_a_step():

@@ -244,6 +244,24 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     assert main(["sample", str(fits_path), "--model", str(run), "-n", "5", "--out",
                  str(out)]) == 0  # fmt: skip
     assert "feedback: learned feedback" in capsys.readouterr().out
+    # --init continues a control net: at lr 0 the weights (encoder included) are kept exactly.
+    cont = tmp_path / "cont"
+    assert main(["finetune", "--model", str(run), "--signal", "learned", "--out", str(cont),
+                 "--init", "learned", "--steps", "2", "--batch-size", "2", "--lr", "0",
+                 "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    again = json.loads((cont / "model-learned.json").read_text())["training"]
+    assert again["init"]["path"] == str(run / "model-learned.json")
+    assert again["init"]["steps"] == 2 and again["steps_total"] == 4
+    from safetensors.torch import load_file
+
+    a = load_file(run / "model-learned.safetensors")
+    b = load_file(cont / "model-learned.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("signal.encoder.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(cont),
+                 "--init", "learned"]) == 2  # fmt: skip
+    assert "is a learned control net, not gradient" in capsys.readouterr().err
     assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
                  "--steps", "0"]) == 2  # fmt: skip
     assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
