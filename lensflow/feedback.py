@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -894,7 +893,11 @@ def finetune(
     model.control.to(device=ref.device, dtype=ref.dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # the base is frozen
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.n_steps)
+    from lensflow.config import TrainConfig
+    from lensflow.train import learning_rate  # the pretraining's cosine, without warmup
+
+    schedule = TrainConfig(n_steps=cfg.n_steps, lr=1.0, warmup_steps=0,
+                           time_limit_s=cfg.time_limit_s)  # fmt: skip
     model.train()
     steps: Iterable[int] = range(cfg.n_steps)
     if progress:
@@ -903,13 +906,11 @@ def finetune(
         steps = tqdm(steps, desc="finetune")
     start = time.perf_counter()
     for step in steps:
-        if cfg.time_limit_s is not None:
-            elapsed = time.perf_counter() - start
-            if step > 0 and elapsed >= cfg.time_limit_s:  # at least one step
-                break
-            frac = max(step / cfg.n_steps, elapsed / cfg.time_limit_s)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+        elapsed = time.perf_counter() - start
+        if cfg.time_limit_s is not None and step > 0 and elapsed >= cfg.time_limit_s:
+            break  # (after at least one step)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * learning_rate(step, schedule, elapsed)
         batch = data(cfg.batch_size, generator)
         u = batch.u.to(ref)
         with torch.no_grad():
@@ -925,7 +926,6 @@ def finetune(
         loss.backward()
         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        sched.step()
         if callback is not None:
             callback(step, float(loss.detach()))
     return model.eval()
