@@ -124,6 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     configs = load_config(args.config) if args.config else {"simulator": preset(args.preset)}
     sim = configs["simulator"]
     data = configs.get("data", data_preset(sim.name))
+    if args.normalize_flux:
+        data = dataclasses.replace(data, normalize_flux=True)
     flow = configs.get("flow", FlowConfig())
     overrides = {"n_steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                  "time_limit_s": args.time_limit}  # fmt: skip
@@ -603,6 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock budget in seconds (TrainConfig.time_limit_s): the cosine "
                    "decays over whichever of steps and time runs out first")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--normalize-flux", action="store_true",
+                   help="train in flux units normalized to each image's background noise "
+                   "(DataConfig.normalize_flux): the model is then independent of a cutout's "
+                   "flux units")  # fmt: skip
     p.add_argument("--data", metavar="H5", help="train on a stored simulated set (HDF5)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

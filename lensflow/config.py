@@ -151,6 +151,14 @@ class DataConfig:
             scattered bad pixels), so the model learns to handle masked cutouts; 0 keeps
             every pixel (and the random stream of models trained before masks existed).
         mask_max_fraction: Largest masked fraction of an image's pixels (discs and bad pixels).
+        normalize_flux: Express every example in flux units where its noise scale
+            (``data.noise_scale``: the 10th percentile of sigma) is ``reference_rms``:
+            image, sigma and background RMS times ``k = reference_rms / noise_scale``, the
+            flux parameters
+            (``params.FLUX_NAMES``) times ``k``, the exposure time divided by ``k`` (the same
+            noise model). A model trained so is exactly independent of a cutout's flux
+            units, and sampling normalizes each observation the same way
+            (``data.flux_factor``). False (the models shipped so far) keeps absolute units.
     """
 
     psf_fwhm_min_arcsec: float = 0.16
@@ -162,6 +170,7 @@ class DataConfig:
     exposure_time_max_s: float = 3000.0
     mask_probability: float = 0.0
     mask_max_fraction: float = 0.15
+    normalize_flux: bool = False
 
     def __post_init__(self) -> None:
         checks = {

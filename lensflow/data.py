@@ -10,7 +10,10 @@ training (``SimulatedPairs``, ``H5Pairs``) and by sampling real data
    compressed above S/N ~ 1 so bright lens light does not swamp the arcs;
 1. ``log(sigma / reference_rms)``: the noise map against a fixed per-model scale, which
    carries the absolute flux scale (for the amplitudes) and the Poisson structure, so one
-   model serves different depths;
+   model serves different depths. Under ``DataConfig.normalize_flux`` every image is first
+   brought to flux units where its noise scale is ``reference_rms`` (:func:`flux_factor`),
+   so this channel keeps only the noise map's shape and the model is independent of flux
+   units;
 2. the mask (1 = pixel used);
 3. the PSF FWHM in pixels divided by 2, constant over the image (the PSF conditioning).
 
@@ -44,7 +47,7 @@ from torch import Tensor
 
 from lensflow.config import DataConfig, SimulatorConfig
 from lensflow.observation import Observation, kernel_fwhm_pix
-from lensflow.params import NAMES
+from lensflow.params import FLUX_NAMES, NAMES
 from lensflow.prior import Prior
 from lensflow.simulator import LensSimulator, gaussian_psf, pool_psf
 
@@ -54,7 +57,9 @@ __all__ = [
     "Pairs",
     "SimulatedPairs",
     "conditioning_fwhm_arcsec",
+    "flux_factor",
     "network_input",
+    "noise_scale",
     "observation_input",
     "random_masks",
     "write_pairs",
@@ -164,6 +169,62 @@ def conditioning_fwhm_arcsec(observation: Observation, upsample_factor: int) -> 
     else:
         pix = float(np.interp(fitted, table, grid))
     return pix * observation.pixel_scale_arcsec
+
+
+#: Quantile of the used pixels' noise sigma that sets an image's flux scale (noise_scale).
+NOISE_SCALE_QUANTILE = 0.1
+
+
+def noise_scale(sigma: Tensor, mask: Tensor) -> Tensor:
+    """An image's noise scale: the 10th percentile of sigma over its used pixels.
+
+    Close to the background RMS (the noise floor) where some sky is in the cutout, and
+    robust to the lens's Poisson noise and to noisy noise maps. It depends on the noise
+    map only, and scales with it: ``noise_scale(k * sigma) = k * noise_scale(sigma)``.
+    Training (``SimulatedPairs`` under ``DataConfig.normalize_flux``) and sampling
+    (:func:`flux_factor`) use this same statistic.
+
+    Args:
+        sigma: Noise sigma, shape ``(..., H, W)``, image units.
+        mask: Bool, same shape; True where the pixel is used.
+
+    Returns:
+        Shape ``sigma.shape[:-2]``, image units.
+
+    Example:
+        >>> sigma = torch.linspace(0.01, 0.11, 101).reshape(1, 1, 101)
+        >>> round(float(noise_scale(sigma, torch.ones_like(sigma, dtype=torch.bool))), 6)
+        0.02
+    """
+    used = torch.where(mask, sigma, torch.nan).flatten(-2)
+    return torch.nanquantile(used, NOISE_SCALE_QUANTILE, dim=-1)
+
+
+def flux_factor(observation: Observation, reference_rms: float) -> float:
+    """The factor that brings a cutout's flux units to a model's noise scale.
+
+    ``k = reference_rms / noise_scale`` (:func:`noise_scale`), so that
+    ``observation.scaled(k)`` has its noise scale at ``reference_rms``. Channel 0 of
+    :func:`network_input` is already independent of flux units; with this factor channel 1,
+    ``log(sigma / reference_rms)``, is too, and the flux parameters come out in the units
+    the model was trained in (``DataConfig.normalize_flux``; ``sampling.sample_posteriors``
+    divides them by ``k`` again).
+
+    Args:
+        observation: The observation (cut or not).
+        reference_rms: The model's noise scale, image units (``DataConfig.reference_rms``).
+
+    Returns:
+        ``k`` (> 0).
+
+    Example:
+        >>> from lensflow.observation import Observation
+        >>> obs = Observation(torch.ones(4, 4), torch.full((4, 4), 0.02), torch.ones(1, 1),
+        ...                   0.1, torch.ones(4, 4, dtype=torch.bool))
+        >>> round(flux_factor(obs, reference_rms=0.004), 6)
+        0.2
+    """
+    return reference_rms / float(noise_scale(observation.sigma, observation.mask))
 
 
 def observation_input(
@@ -340,6 +401,7 @@ class SimulatedPairs:
         self.prior = prior or Prior(dtype=dtype, device=device)
         self.device = torch.device(device)
         self.dtype = dtype
+        self._flux = [NAMES.index(name) for name in FLUX_NAMES]
         n = data.n_psf_grid
         lo, hi = data.psf_fwhm_min_arcsec, data.psf_fwhm_max_arcsec
         self.psf_grid_arcsec = tuple(lo + (hi - lo) * i / max(n - 1, 1) for i in range(n))
@@ -450,6 +512,12 @@ class SimulatedPairs:
                                 device=self.device)  # fmt: skip
         else:
             mask = torch.ones_like(image, dtype=torch.bool)
+        if dc.normalize_flux:  # deterministic: the random stream is unchanged
+            f = dc.reference_rms / noise_scale(sigma, mask)  # flux_factor of each example
+            image, sigma = image * f[:, None, None], sigma * f[:, None, None]
+            theta = theta.clone()
+            theta[:, self._flux] = theta[:, self._flux] * f[:, None]
+            rms, exposure = rms * f, exposure / f
         x = network_input(
             image,
             sigma,

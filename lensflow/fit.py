@@ -46,9 +46,9 @@ from torch import Tensor
 from lensflow import __version__
 from lensflow.config import PRESETS
 from lensflow.cutouts import cut_to_fov
-from lensflow.data import conditioning_fwhm_arcsec
+from lensflow.data import conditioning_fwhm_arcsec, flux_factor
 from lensflow.observation import Observation, load_observation
-from lensflow.params import REGISTRY
+from lensflow.params import FLUX_NAMES, NAMES, REGISTRY
 from lensflow.sampling import PosteriorSamples, sample_posteriors, samples_table
 
 if TYPE_CHECKING:
@@ -91,6 +91,9 @@ SUMMARY_QUANTILES: dict[str, float] = {
     "p2p5": 0.025,
     "p97p5": 0.975,
 }
+
+#: Columns of the flux parameters (``params.FLUX_NAMES``).
+_FLUX = [NAMES.index(name) for name in FLUX_NAMES]
 
 #: Thresholds of the ``reliable`` flag (docs/fit.md gives the measured firing rates).
 RELIABILITY: dict[str, float] = {
@@ -249,9 +252,14 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     from lensflow.prior import Prior
 
     obs, sim = _observation_simulator(result.observation, model)
+    # The prior box applies in the model's flux units (DataConfig.normalize_flux): the
+    # chain runs there, and its flux parameters are scaled back at the end.
+    unit = flux_factor(obs, model.data.reference_rms) if model.data.normalize_flux else 1.0
+    obs = obs.scaled(unit) if unit != 1.0 else obs
     prior = Prior(dtype=torch.float64)
     k = FALLBACK_EMCEE["n_walkers"]
-    theta = result.samples.theta.double()
+    theta = result.samples.theta.double().clone()
+    theta[:, _FLUX] = theta[:, _FLUX] * unit
     pick = torch.linspace(0, theta.shape[0] - 1, min(k, theta.shape[0])).long()
     start = theta[pick]
     if start.shape[0] < k:  # fewer flow samples than walkers: repeat with a tiny jitter
@@ -287,9 +295,11 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     n_keep = min(theta.shape[0], run.samples.theta.shape[0])
     keep = torch.linspace(0, run.samples.theta.shape[0] - 1, n_keep).long()
     lp = run.samples.log_prob
-    samples = dataclasses.replace(run.samples, theta=run.samples.theta[keep],
+    chain = run.samples.theta[keep].clone()
+    chain[:, _FLUX] = chain[:, _FLUX] / unit
+    samples = dataclasses.replace(run.samples, theta=chain,
                                   log_prob=None if lp is None else lp[keep])  # fmt: skip
-    diag, image, source = diagnose(obs, samples, model)
+    diag, image, source = diagnose(result.observation, samples, model)
     record = {
         "method": "emcee",
         "init": init,
@@ -522,12 +532,17 @@ def diagnose(
             f'the training range {d.psf_fwhm_min_arcsec:.3f}-{d.psf_fwhm_max_arcsec:.3f}"'
         )
     lo, hi = d.background_rms_min * (1 - tol), d.background_rms_max * (1 + 2 * tol)
-    if not lo <= noise <= hi:
+    # A flux-normalized model has no absolute noise range (its depth is the S/N, which the
+    # prior check below sees through the amplitudes, in the units the model saw).
+    if not d.normalize_flux and not lo <= noise <= hi:
         reasons.append(
             f"noise level {noise:.3g} outside the training range "
             f"{d.background_rms_min:.3g}-{d.background_rms_max:.3g}"
         )
-    outside = outside_prior(median)
+    k = flux_factor(obs, d.reference_rms) if d.normalize_flux else 1.0
+    scaled = median.clone()
+    scaled[_FLUX] = scaled[_FLUX] * k
+    outside = outside_prior(scaled)
     if outside:
         reasons.append(f"posterior outside the training prior ({', '.join(outside)})")
     diag = Diagnostics(
@@ -683,6 +698,9 @@ def fit_lenses(
                     "model": model_id,
                     "feedback": used,
                     "method": s.method,
+                    "flux_factor": flux_factor(cut[j], trained.data.reference_rms)
+                    if trained.data.normalize_flux
+                    else None,
                     "n_samples": n,
                     "n_steps": n_steps,
                     "seed": seed_list[i],

@@ -186,6 +186,36 @@ class Observation:
         """Largest single-pixel S/N, ``max(image / sigma)`` over unmasked pixels."""
         return float((self.image[self.mask] / self.sigma[self.mask]).max())
 
+    def scaled(self, factor: float) -> Observation:
+        """Copy in other flux units: ``image`` and ``sigma`` multiplied by ``factor``.
+
+        A change of units only: every S/N, the likelihood of the non-flux parameters and
+        their posterior stay the same, and the flux parameters (``params.FLUX_NAMES``) scale
+        by ``factor``.
+
+        Args:
+            factor: Positive, finite multiplier.
+
+        Returns:
+            A new ``Observation``; ``meta["flux_factor"]`` accumulates the factor.
+
+        Raises:
+            ValueError: If ``factor`` is not positive and finite.
+
+        Example:
+            >>> obs = Observation(torch.ones(3, 3), torch.full((3, 3), 0.5), torch.ones(1, 1),
+            ...                   0.1, torch.ones(3, 3, dtype=torch.bool))
+            >>> s = obs.scaled(4.0)
+            >>> float(s.sigma[0, 0]), s.peak_snr == obs.peak_snr, s.meta["flux_factor"]
+            (2.0, True, 4.0)
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"flux factor must be positive and finite, got {factor!r}")
+        meta = dict(self.meta)
+        meta["flux_factor"] = float(meta.get("flux_factor", 1.0)) * factor
+        return dataclasses.replace(self, image=self.image * factor, sigma=self.sigma * factor,
+                                   meta=meta)  # fmt: skip
+
     def to(
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> Observation:

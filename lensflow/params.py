@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FLUX_NAMES",
     "NAMES",
     "REGISTRY",
     "ParamSpec",
@@ -146,6 +147,10 @@ REGISTRY: tuple[ParamSpec, ...] = (
 
 #: Column order of every ``theta`` tensor in lensflow.
 NAMES: tuple[str, ...] = tuple(p.name for p in REGISTRY)
+
+#: Parameters in image flux units (surface brightness): they scale with the image's flux
+#: units, every other parameter is independent of them (``Observation.scaled``).
+FLUX_NAMES: tuple[str, ...] = tuple(p.name for p in REGISTRY if p.unit == _AMP)
 
 
 def index(name: str, specs: Sequence[ParamSpec] = REGISTRY) -> int:

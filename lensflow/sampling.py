@@ -17,6 +17,7 @@ the same samples).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,10 @@ from torch import Tensor
 
 from lensflow.checkpoint import TrainedControl, TrainedPosterior, available_feedback, load_control
 from lensflow.cutouts import cut_to_fov
-from lensflow.data import observation_input
+from lensflow.data import flux_factor, observation_input
 from lensflow.feedback import sample_feedback
 from lensflow.observation import Observation
-from lensflow.params import NAMES, REGISTRY
+from lensflow.params import FLUX_NAMES, NAMES, REGISTRY
 
 if TYPE_CHECKING:
     import numpy as np
@@ -144,6 +145,7 @@ def sample_posteriors(
     chunk: int = 64,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    normalize_flux: bool | None = None,
 ) -> list[PosteriorSamples]:
     """Posterior samples for many observations, batched, optionally with simulator feedback.
 
@@ -165,6 +167,13 @@ def sample_posteriors(
         generator: Torch generator on the model's device, for the base noise when ``seeds``
             is None.
         progress: Show a tqdm progress bar over chunks.
+        normalize_flux: Sample each observation in flux units where its noise floor is
+            the model's ``reference_rms`` (``data.flux_factor``), then scale the flux
+            parameters back: the samples then do not depend on the cutout's flux units
+            (``params.FLUX_NAMES`` scale with them exactly, the rest not at all). Default:
+            what the model was trained with (``DataConfig.normalize_flux``); forcing it on
+            a model trained in absolute units moves its inputs off the training
+            distribution (docs/real-lenses.md, "Flux units").
 
     Returns:
         One ``PosteriorSamples`` per observation, in order, on the model's device;
@@ -194,6 +203,11 @@ def sample_posteriors(
     cut = [
         cut_to_fov(o, model.simulator).to(parameter.dtype, parameter.device) for o in observations
     ]
+    if normalize_flux is None:
+        normalize_flux = model.data.normalize_flux
+    factors = [flux_factor(o, model.data.reference_rms) if normalize_flux else 1.0 for o in cut]
+    cut = [o.scaled(k) if k != 1.0 else o for o, k in zip(cut, factors, strict=True)]
+    flux = [NAMES.index(name) for name in FLUX_NAMES]
     out: list[PosteriorSamples] = []
     starts = range(0, len(cut), chunk)
     if progress:
@@ -215,11 +229,17 @@ def sample_posteriors(
             theta = sample_feedback(controlled, x, data, n, n_steps=n_steps, solver=solver,
                                     generator=generator, noise=noise).theta  # fmt: skip
         for b in range(x.shape[0]):
-            log_prob = None
+            log_prob, sample = None, theta[:, b]
             if use_log_prob:
                 x_rep = x[b : b + 1].expand(n, *x.shape[1:])
-                log_prob = posterior.log_prob(theta[:, b], x_rep, n_steps=n_steps, solver=solver)
-            out.append(PosteriorSamples(theta[:, b], NAMES, log_prob, method))
+                log_prob = posterior.log_prob(sample, x_rep, n_steps=n_steps, solver=solver)
+            k = factors[start + b]
+            if k != 1.0:  # back to the cutout's units; q(theta) = q_k(k theta) k^m
+                sample = sample.clone()
+                sample[:, flux] = sample[:, flux] / k
+                if log_prob is not None:
+                    log_prob = log_prob + len(flux) * math.log(k)
+            out.append(PosteriorSamples(sample, NAMES, log_prob, method))
     return out
 
 
@@ -234,6 +254,7 @@ def sample_posterior(
     solver: str | None = None,
     use_log_prob: bool = False,
     generator: torch.Generator | None = None,
+    normalize_flux: bool | None = None,
 ) -> PosteriorSamples:
     """Posterior samples of one observation (:func:`sample_posteriors` for a single lens).
 
@@ -249,6 +270,8 @@ def sample_posterior(
         solver: ODE solver (default: the control net's or the model's).
         use_log_prob: Also evaluate ``log q(theta | x)`` of every sample (no feedback).
         generator: Torch generator for the base noise.
+        normalize_flux: Sample in the model's flux units (default: as the model was
+            trained; see :func:`sample_posteriors`).
 
     Returns:
         The samples, ``theta`` of shape ``(n, D)`` in physical units.
@@ -256,7 +279,7 @@ def sample_posterior(
     return sample_posteriors([observation], model, n, feedback=feedback,
                              seeds=None if seed is None else [seed], n_steps=n_steps,
                              solver=solver, use_log_prob=use_log_prob,
-                             generator=generator)[0]  # fmt: skip
+                             generator=generator, normalize_flux=normalize_flux)[0]  # fmt: skip
 
 
 def samples_table(samples: PosteriorSamples) -> Table:

@@ -138,7 +138,8 @@ def evaluate(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         samples = sample_posteriors(observations, model, args.n_samples, feedback=feedback,
                                     seeds=seeds, n_steps=n_steps, solver=solver,
-                                    chunk=args.lens_chunk)  # fmt: skip
+                                    chunk=args.lens_chunk,
+                                    normalize_flux=args.normalize_flux)  # fmt: skip
         seconds = time.perf_counter() - start
         theta = torch.stack([s.theta for s in samples], dim=1)  # (M, N, D)
         u = transform.to_u(theta)
@@ -231,6 +232,9 @@ def main() -> None:
         "depth and noise draws): with the simulator's numerics, or lenstronomy's own "
         "(6x supersampling, native-pixel convolution); the feedback still uses caustics",
     )  # fmt: skip
+    p.add_argument("--normalize-flux", action="store_true",
+                   help="--evaluate: sample in the model's flux units "
+                   "(sampling.sample_posteriors(normalize_flux=True))")  # fmt: skip
     p.add_argument("--model", default="euclid")
     p.add_argument("--fwhm", type=float, default=0.20, help="the single PSF FWHM, arcsec")
     p.add_argument("--n-train", type=int, default=2048, help="finetuning pool size")

@@ -6,6 +6,7 @@
 # Usage (repository root, lensflow importable, one CUDA GPU):
 #     OUT=runs/gpu bash scripts/gpu_train_ship.sh [TRAIN_S] [FINETUNE_S]
 #     PRESETS=euclid OUT=runs/gpu bash scripts/gpu_train_ship.sh 420 90   # one preset
+#     TRAIN_EXTRA=--normalize-flux PRESETS=euclid OUT=runs/gpu bash ...    # flux-normalized
 #
 # Both presets train at once on the one GPU, each for TRAIN_S seconds (default 300) with
 # the cosine schedule spread over that time (TrainConfig.time_limit_s); then the control
@@ -19,6 +20,7 @@ F=${2:-90}
 OUT=${OUT:-runs/gpu}
 L=runs/gpu_logs
 PRESETS=${PRESETS:-"hst euclid"}
+TRAIN_EXTRA=${TRAIN_EXTRA:-}  # more train_preset.py flags, e.g. --normalize-flux
 has() { case " $PRESETS " in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$OUT" "$L" ship
 export PYTHONUNBUFFERED=1
@@ -34,7 +36,7 @@ for p in $PRESETS; do
     timeout $((T + 120)) python scripts/train_preset.py --preset "$p" --device cuda \
         --time-limit "$T" --steps 1000000 --batch-size 256 --lr 1e-3 --warmup 200 \
         --n-val 1024 --val-every 250 --checkpoint-every 1000 --times-per-example 4 \
-        --mask-probability 0.3 --tf32 --threads 4 $ARCH --out "runs/${p}_gpu" \
+        --mask-probability 0.3 --tf32 --threads 4 $ARCH $TRAIN_EXTRA --out "runs/${p}_gpu" \
         >"$L/train_$p.log" 2>&1 &
 done
 timeout 240 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \

@@ -105,7 +105,7 @@ def run_one(
         cut = cut_to_fov(obs, sim_cfg, use_padding=padded)
     start = time.perf_counter()
     post = sample_posterior(cut, model, args.n, feedback=args.feedback, seed=args.seed,
-                            n_steps=args.n_steps)  # fmt: skip
+                            n_steps=args.n_steps, normalize_flux=args.normalize_flux)  # fmt: skip
     seconds = time.perf_counter() - start
     theta = post.theta.double()
     finite = torch.isfinite(theta).all(-1)
@@ -155,6 +155,8 @@ def main() -> None:
                    help="simulator feedback (default none: the base flow; auto uses a "
                    "model's control net where one is shipped)")  # fmt: skip
     p.add_argument("--n-steps", type=int, help="ODE steps (default: the sampler's own)")
+    p.add_argument("--normalize-flux", action="store_true",
+                   help="sample in the model's flux units (data.flux_factor)")  # fmt: skip
     p.add_argument("--hst-model", default="hst", help="shipped preset or checkpoint path")
     p.add_argument("--euclid-model", default="euclid")
     p.add_argument("--only", help="run only systems whose label contains this text")

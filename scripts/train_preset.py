@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--mask-probability", type=float, default=0.0,
                    help="fraction of training images with random likelihood masks "
                    "(DataConfig.mask_probability; the shipped CPU models used 0)")  # fmt: skip
+    p.add_argument("--normalize-flux", action="store_true",
+                   help="DataConfig.normalize_flux: train in flux units normalized to each "
+                   "image's background noise")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stop-at-step", type=int, default=None)
@@ -63,7 +66,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     sim = preset(args.preset)
-    data = dataclasses.replace(data_preset(args.preset), mask_probability=args.mask_probability)
+    data = dataclasses.replace(data_preset(args.preset), mask_probability=args.mask_probability,
+                               normalize_flux=args.normalize_flux)  # fmt: skip
     flow = FlowConfig(base_channels=args.base_channels, width=args.width,
                       n_blocks=args.n_blocks, embed_dim=args.embed_dim)  # fmt: skip
     train = TrainConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,

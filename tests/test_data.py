@@ -182,3 +182,42 @@ def test_observations_of_pairs_fit_their_truth_at_chi2_one():
     assert float(cost(test.theta, rows).mean()) > 1.1
     with pytest.raises(ValueError, match="psf_kernel"):
         source.observations(test, psf_kernel="airy")
+
+
+def test_flux_normalized_pairs_are_the_same_lenses_in_other_units(pairs):
+    import dataclasses
+
+    from lensflow.data import flux_factor, noise_scale
+    from lensflow.params import FLUX_NAMES
+
+    data = dataclasses.replace(TINY_DATA, normalize_flux=True, mask_probability=0.5)
+    plain = SimulatedPairs(TINY, dataclasses.replace(data, normalize_flux=False))
+    normed = SimulatedPairs(TINY, data)
+    a = plain.sample(16, generator=torch.Generator().manual_seed(3))
+    b = normed.sample(16, generator=torch.Generator().manual_seed(3))  # same draws
+    scale = noise_scale(b.sigma, b.mask)
+    torch.testing.assert_close(scale, torch.full_like(scale, data.reference_rms))
+    f = data.reference_rms / noise_scale(a.sigma, a.mask)  # k of each example
+    torch.testing.assert_close(b.sigma, a.sigma * f[:, None, None])
+    torch.testing.assert_close(b.image, a.image * f[:, None, None])
+    flux = [NAMES.index(n) for n in FLUX_NAMES]
+    rest = [j for j in range(len(NAMES)) if j not in flux]
+    torch.testing.assert_close(b.theta[:, rest], a.theta[:, rest])
+    torch.testing.assert_close(b.theta[:, flux], a.theta[:, flux] * f[:, None])
+    torch.testing.assert_close(b.background_rms, a.background_rms * f)
+    torch.testing.assert_close(b.exposure_time_s, a.exposure_time_s / f)
+    # The noise model still holds in the new units, and so does the model image.
+    k = normed.psf_index(b.psf_fwhm_arcsec)
+    model = normed.noiseless(b.theta, k)
+    var = (
+        b.background_rms[:, None, None] ** 2
+        + model.clamp_min(0) / b.exposure_time_s[:, None, None]
+    )
+    torch.testing.assert_close(var.sqrt(), b.sigma, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(model, plain.noiseless(a.theta, k) * f[:, None, None],
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    # The S/N channel is unchanged, and sampling's flux_factor of each normalized example
+    # (as a user would load it) is 1: training and sampling use the same statistic.
+    torch.testing.assert_close(b.x[:, 0], a.x[:, 0], rtol=1e-4, atol=1e-5)
+    factors = torch.tensor([flux_factor(o, data.reference_rms) for o in normed.observations(b)])
+    torch.testing.assert_close(factors, torch.ones_like(factors), rtol=1e-5, atol=0)

@@ -223,6 +223,30 @@ def test_diagnostics_flag_posteriors_outside_the_training_prior():
     assert not bad.reliable and "outside the training prior (lens_theta_e)" in bad.reason
 
 
+def test_diagnostics_of_a_flux_normalized_model_do_not_depend_on_flux_units():
+    from lensflow.params import FLUX_NAMES
+
+    image, sigma, psf, theta, _ = _mock(seed=4)
+    mask = torch.ones_like(image, dtype=torch.bool)
+    obs = Observation(image, sigma, psf, EUCLID.pixel_scale_arcsec, mask, name="d")
+    flux = [NAMES.index(n) for n in FLUX_NAMES]
+    big_theta = theta.clone()
+    big_theta[flux] *= 1e4
+    big = PosteriorSamples(big_theta.expand(32, -1).clone())
+    absolute = load_model("euclid")
+    normalized = dataclasses.replace(
+        absolute, data=dataclasses.replace(absolute.data, normalize_flux=True)
+    )
+    # The same lens in units 1e4 times larger: out of range for the absolute model only.
+    flagged = diagnose(obs.scaled(1e4), big, absolute)[0]
+    assert not flagged.reliable and "noise level" in flagged.reason
+    assert "source_amp, lens_light_amp" in flagged.reason
+    scaled = diagnose(obs.scaled(1e4), big, normalized)[0]
+    plain = diagnose(obs, PosteriorSamples(theta.expand(32, -1).clone()), normalized)[0]
+    assert scaled.reliable and plain.reliable, (scaled.reason, plain.reason)
+    assert scaled.chi2_red_median == pytest.approx(plain.chi2_red_median, rel=1e-6)
+
+
 def test_fit_one_call_api(tmp_path):
     path, _ = _write(tmp_path)
     samples = fit(path, n=32, feedback="none", out=tmp_path / "o", plots=False)

@@ -1,6 +1,7 @@
 """Posterior sampling of observations, the samples record, and the train/sample CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -163,6 +164,55 @@ def test_seeded_lens_samples_do_not_depend_on_batch_neighbours(fb_model, feedbac
     assert not torch.allclose(batch[0].theta, batch[2].theta)
     again = sample_posterior(obs[0], fb_model, 40, feedback=feedback, seed=8)
     assert not torch.allclose(again.theta, alone.theta)
+
+
+@pytest.mark.parametrize("feedback", ["none", "gradient", "learned"])
+def test_normalized_flux_samples_do_not_depend_on_flux_units(fb_model, feedback):
+    from lensflow.params import FLUX_NAMES
+
+    obs = _observation(seed=2)
+    flux = [NAMES.index(n) for n in FLUX_NAMES]
+    rest = [j for j in range(len(NAMES)) if j not in flux]
+    assert sorted(FLUX_NAMES) == ["lens_light_amp", "source_amp"]
+    runs = {
+        f: sample_posterior(obs.scaled(f), fb_model, 30, feedback=feedback, seed=4,
+                            normalize_flux=True, use_log_prob=feedback == "none")
+        for f in (1.0, 0.01, 250.0)
+    }  # fmt: skip
+    for f in (0.01, 250.0):
+        torch.testing.assert_close(runs[f].theta[:, rest], runs[1.0].theta[:, rest],
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(runs[f].theta[:, flux], runs[1.0].theta[:, flux] * f,
+                                   rtol=1e-4, atol=0)  # fmt: skip
+        if feedback == "none":  # q(theta) picks up the Jacobian 1/f per flux parameter
+            torch.testing.assert_close(runs[f].log_prob, runs[1.0].log_prob - 2 * math.log(f),
+                                       rtol=1e-5, atol=1e-3)  # fmt: skip
+    # Without normalization the answer depends on the units (the noise channel moves).
+    absolute = sample_posterior(obs.scaled(250.0), fb_model, 30, feedback=feedback, seed=4)
+    assert not torch.allclose(absolute.theta[:, rest], runs[1.0].theta[:, rest], atol=1e-3)
+
+
+def test_flux_normalized_model_normalizes_by_default_and_round_trips(tmp_path):
+    import dataclasses
+
+    from lensflow.checkpoint import save_model
+    from lensflow.params import FLUX_NAMES
+
+    data = dataclasses.replace(TINY_DATA, normalize_flux=True)
+    torch.manual_seed(0)
+    save_model(tmp_path / "m", TrainedPosterior(build_posterior(TINY_FLOW).eval(), TINY, data,
+                                                TINY_FLOW))  # fmt: skip
+    model = load_model(tmp_path / "m")
+    assert model.data.normalize_flux and not TINY_DATA.normalize_flux
+    obs = _observation(seed=5)
+    flux = [NAMES.index(n) for n in FLUX_NAMES]
+    rest = [j for j in range(len(NAMES)) if j not in flux]
+    a = sample_posterior(obs, model, 20, seed=1)
+    b = sample_posterior(obs.scaled(1e3), model, 20, seed=1)
+    torch.testing.assert_close(b.theta[:, rest], a.theta[:, rest], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.theta[:, flux], a.theta[:, flux] * 1e3, rtol=1e-4, atol=0)
+    forced_off = sample_posterior(obs.scaled(1e3), model, 20, seed=1, normalize_flux=False)
+    assert not torch.allclose(forced_off.theta[:, rest], a.theta[:, rest], atol=1e-3)
 
 
 def test_feedback_changes_samples_and_auto_picks_gradient(fb_model):
