@@ -174,8 +174,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     config = SampleConfig(n_samples=args.n, n_steps=n_steps, solver=solver, seed=args.seed)
     start = time.perf_counter()
     samples = sample_posterior(obs, model, config.n_samples, feedback=control or "none",
-                               seed=config.seed, n_steps=config.n_steps,
-                               solver=config.solver)  # fmt: skip
+                               seed=config.seed, n_steps=config.n_steps, solver=config.solver,
+                               normalize_flux=args.normalize_flux)  # fmt: skip
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    "feedback_requested": args.feedback,
                    "control": None if control is None else str(control.path),
                    "control_status": None if control is None else control.meta.get("status"),
-                   "sampling_s": seconds}  # fmt: skip
+                   "normalize_flux": model.data.normalize_flux if args.normalize_flux is None
+                   else args.normalize_flux, "sampling_s": seconds}  # fmt: skip
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     how = "no feedback" if control is None else f"{kind} feedback ({control.path.name})"
     print(f"feedback: {how} [requested: {args.feedback}]; {config.solver}, "
@@ -307,6 +308,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         n=args.n, device=args.device, n_steps=args.n_steps,
         center_pix=tuple(args.center_pix) if args.center_pix else None,
         center_radec=tuple(args.center) if args.center else None, fallback=args.fallback,
+        normalize_flux=args.normalize_flux,
     )  # fmt: skip
     corner = CORNER_PARAMS
     if args.corner_params:
@@ -633,6 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "learned, else none; the default), gradient, learned or none")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--normalize-flux", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample in flux units where the cutout's noise scale is the model's "
+                   "(default: as the model was trained; the shipped models use absolute "
+                   "units; see docs/real-lenses.md, 'Flux units')")  # fmt: skip
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser(
@@ -708,6 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameters of corner.pdf (default: the 7 mass-model parameters)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--normalize-flux", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample in flux units where the cutout's noise scale is the model's "
+                   "(default: as the model was trained; the shipped models use absolute "
+                   "units; see docs/real-lenses.md, 'Flux units')")  # fmt: skip
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser(

@@ -252,9 +252,10 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     from lensflow.prior import Prior
 
     obs, sim = _observation_simulator(result.observation, model)
-    # The prior box applies in the model's flux units (DataConfig.normalize_flux): the
-    # chain runs there, and its flux parameters are scaled back at the end.
-    unit = flux_factor(obs, model.data.reference_rms) if model.data.normalize_flux else 1.0
+    # The prior box applies in the flux units the flow sampled in (DataConfig.normalize_flux
+    # or fit_lenses(normalize_flux=True)): the chain runs there, and its flux parameters are
+    # scaled back at the end.
+    unit = result.provenance.get("flux_factor") or 1.0
     obs = obs.scaled(unit) if unit != 1.0 else obs
     prior = Prior(dtype=torch.float64)
     k = FALLBACK_EMCEE["n_walkers"]
@@ -299,7 +300,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     chain[:, _FLUX] = chain[:, _FLUX] / unit
     samples = dataclasses.replace(run.samples, theta=chain,
                                   log_prob=None if lp is None else lp[keep])  # fmt: skip
-    diag, image, source = diagnose(result.observation, samples, model)
+    diag, image, source = diagnose(result.observation, samples, model,
+                                   normalize_flux=unit != 1.0)  # fmt: skip
     record = {
         "method": "emcee",
         "init": init,
@@ -481,6 +483,7 @@ def diagnose(
     model: TrainedPosterior,
     *,
     n_samples: int = N_DIAGNOSTIC_SAMPLES,
+    normalize_flux: bool | None = None,
 ) -> tuple[Diagnostics, Tensor, Tensor]:
     """Reliability diagnostics of one lens's posterior (module docstring).
 
@@ -490,6 +493,9 @@ def diagnose(
         model: The model that drew them (for the training ranges and the preset's
             supersampling).
         n_samples: Posterior samples re-simulated for ``chi2_red_samples``.
+        normalize_flux: Whether the samples were drawn in normalized flux units
+            (``sampling.sample_posteriors``; default: as the model was trained): the
+            training-range checks then apply in those units.
 
     Returns:
         The diagnostics, the model image at the medians ``(H, W)`` and the unlensed source
@@ -534,12 +540,14 @@ def diagnose(
     lo, hi = d.background_rms_min * (1 - tol), d.background_rms_max * (1 + 2 * tol)
     # A flux-normalized model has no absolute noise range (its depth is the S/N, which the
     # prior check below sees through the amplitudes, in the units the model saw).
-    if not d.normalize_flux and not lo <= noise <= hi:
+    normalize_flux = d.normalize_flux if normalize_flux is None else normalize_flux
+    if not normalize_flux and not lo <= noise <= hi:
+        hint = "" if d.normalize_flux else " (normalize_flux / --normalize-flux may help)"
         reasons.append(
             f"noise level {noise:.3g} outside the training range "
-            f"{d.background_rms_min:.3g}-{d.background_rms_max:.3g}"
+            f"{d.background_rms_min:.3g}-{d.background_rms_max:.3g}{hint}"
         )
-    k = flux_factor(obs, d.reference_rms) if d.normalize_flux else 1.0
+    k = flux_factor(obs, d.reference_rms) if normalize_flux else 1.0
     scaled = median.clone()
     scaled[_FLUX] = scaled[_FLUX] * k
     outside = outside_prior(scaled)
@@ -586,6 +594,7 @@ def fit_lenses(
     n_steps: int | None = None,
     chunk: int | None = None,
     fallback: str = "none",
+    normalize_flux: bool | None = None,
 ) -> list[FitResult]:
     """Posteriors and diagnostics of many observed lenses, batched per model.
 
@@ -608,6 +617,10 @@ def fit_lenses(
         chunk: Lenses per batched solve (default: about 2e5 sample rows per solve).
         fallback: ``"mcmc"`` re-runs every lens flagged unreliable with emcee on the same
             likelihood, started from its flow posterior (``run_fallback``); ``"none"``.
+        normalize_flux: Sample in normalized flux units (``sampling.sample_posteriors``);
+            default: as the model was trained. Forcing it on a model trained in absolute
+            units helps cutouts whose noise lies far outside its training range and
+            costs some accuracy on those inside (docs/real-lenses.md, "Flux units").
 
     Returns:
         One ``FitResult`` per observation, in order.
@@ -643,6 +656,7 @@ def fit_lenses(
         t0 = time.perf_counter()  # per model: the load time of this group only
         trained = _load(spec, dev)
         model_id = _model_id(trained, spec)
+        normalize = trained.data.normalize_flux if normalize_flux is None else normalize_flux
         cut = [
             cut_to_fov(observations[i], trained.simulator,
                        center_pix=_center_pix(observations[i], cpix[i], cradec[i]))
@@ -659,6 +673,7 @@ def fit_lenses(
             n_steps=n_steps,
             seeds=[seed_list[i] for i in idx],
             chunk=lens_chunk,
+            normalize_flux=normalize,
         )
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -673,7 +688,7 @@ def fit_lenses(
             if not torch.isfinite(s.theta).all():
                 raise ValueError(f"{names[i]}: the sampler returned non-finite parameters")
             t2 = time.perf_counter()
-            diag, image, source = diagnose(cut[j], s, trained)
+            diag, image, source = diagnose(cut[j], s, trained, normalize_flux=normalize)
             used = s.method.split("+")[1] if "+" in s.method else "none"
             obs_cpu = cut[j].to(torch.float64, "cpu")
             results[i] = FitResult(
@@ -699,7 +714,7 @@ def fit_lenses(
                     "feedback": used,
                     "method": s.method,
                     "flux_factor": flux_factor(cut[j], trained.data.reference_rms)
-                    if trained.data.normalize_flux
+                    if normalize
                     else None,
                     "n_samples": n,
                     "n_steps": n_steps,
@@ -733,6 +748,7 @@ def fit_lens(
     device: str | torch.device = "auto",
     n_steps: int | None = None,
     fallback: str = "none",
+    normalize_flux: bool | None = None,
 ) -> FitResult:
     """Posterior and diagnostics of one observed lens (``fit_lenses`` for one lens).
 
@@ -749,6 +765,7 @@ def fit_lens(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         n_steps: ODE steps (default: the model's or the control network's).
         fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable.
+        normalize_flux: Sample in normalized flux units (see ``fit_lenses``).
 
     Returns:
         The fit result.
@@ -757,7 +774,7 @@ def fit_lens(
                       centers_radec=[center_radec],
                       names=None if name is None else [name], preset=preset, model=model,
                       feedback=feedback, n=n, device=device, n_steps=n_steps,
-                      fallback=fallback)[0]  # fmt: skip
+                      fallback=fallback, normalize_flux=normalize_flux)[0]  # fmt: skip
 
 
 def summary_row(samples: PosteriorSamples) -> dict[str, Any]:
@@ -955,6 +972,7 @@ def fit(
     out: str | Path | None = None,
     plots: bool = True,
     fallback: str = "none",
+    normalize_flux: bool | None = None,
 ) -> PosteriorSamples:
     """Fit one observed lens from its files in one call (what ``lensflow fit`` runs).
 
@@ -976,6 +994,7 @@ def fit(
         out: Optional output folder for ``write_fit``.
         plots: Write the figures into ``out``.
         fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable.
+        normalize_flux: Sample in normalized flux units (see ``fit_lenses``).
 
     Returns:
         The posterior samples, ``theta`` ``(n, 21)`` in physical units (``method`` says
@@ -985,7 +1004,7 @@ def fit(
                            pixel_scale_arcsec=pixel_scale, band=band, mask=mask)  # fmt: skip
     result = fit_lens(obs, seed=seed, center_pix=center_pix, center_radec=center_radec,
                       preset=preset, feedback=feedback, n=n, device=device,
-                      fallback=fallback)  # fmt: skip
+                      fallback=fallback, normalize_flux=normalize_flux)  # fmt: skip
     if out is not None:
         write_fit(result, out, plots=plots)
     return result.samples

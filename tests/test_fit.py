@@ -154,6 +154,28 @@ def test_samples_depend_only_on_their_own_seed(tmp_path):
     assert not torch.allclose(other, alone)
 
 
+def test_fit_with_forced_flux_normalization_ignores_units_and_records_the_factor():
+    from lensflow.params import FLUX_NAMES
+
+    image, sigma, psf, _, _ = _mock(seed=2)
+    mask = torch.ones_like(image, dtype=torch.bool)
+    obs = Observation(image, sigma, psf, EUCLID.pixel_scale_arcsec, mask, name="u")
+    base, big = fit_lenses([obs, obs.scaled(1e3)], seeds=[3, 3], normalize_flux=True, **N_FAST)
+    flux = [NAMES.index(n) for n in FLUX_NAMES]
+    rest = [j for j in range(len(NAMES)) if j not in flux]
+    torch.testing.assert_close(big.samples.theta[:, rest], base.samples.theta[:, rest],
+                               rtol=1e-3, atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(big.samples.theta[:, flux], base.samples.theta[:, flux] * 1e3,
+                               rtol=1e-3, atol=0)  # fmt: skip
+    k = base.provenance["flux_factor"]
+    assert k == pytest.approx(big.provenance["flux_factor"] * 1e3, rel=1e-6)
+    assert "noise level" not in big.diagnostics.reason
+    # The shipped model's own units: the big cutout is outside its noise range, with a hint.
+    plain = fit_lens(obs.scaled(1e3), seed=3, **N_FAST)
+    assert plain.provenance["flux_factor"] is None
+    assert "--normalize-flux may help" in plain.diagnostics.reason
+
+
 def test_centre_in_pixels_and_radec_cut_the_same_window(tmp_path):
     # An 80x80 cutout whose lens sits 6 px right and 4 px up of the cutout centre.
     image, sigma, psf, _, cfg = _mock(n_pix=80, shift=(6, 4))

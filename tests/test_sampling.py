@@ -268,6 +268,10 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     )
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["feedback"] == "gradient" and provenance["control_status"] == "test"
+    assert provenance["normalize_flux"] is False  # the model's own (absolute) units
+    assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--normalize-flux",
+                 "--out", str(out / "norm")]) == 0  # fmt: skip
+    assert json.loads((out / "norm" / "provenance.json").read_text())["normalize_flux"] is True
     assert Table.read(out / "samples.ecsv").meta["method"] == "flow+gradient"
     assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--feedback", "none",
                  "--out", str(out)]) == 0  # fmt: skip
