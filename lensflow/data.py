@@ -47,7 +47,7 @@ from torch import Tensor
 
 from lensflow.config import DataConfig, SimulatorConfig
 from lensflow.observation import Observation, kernel_fwhm_pix
-from lensflow.params import FLUX_NAMES, NAMES
+from lensflow.params import NAMES, scale_flux
 from lensflow.prior import Prior
 from lensflow.simulator import LensSimulator, gaussian_psf, pool_psf
 
@@ -401,7 +401,6 @@ class SimulatedPairs:
         self.prior = prior or Prior(dtype=dtype, device=device)
         self.device = torch.device(device)
         self.dtype = dtype
-        self._flux = [NAMES.index(name) for name in FLUX_NAMES]
         n = data.n_psf_grid
         lo, hi = data.psf_fwhm_min_arcsec, data.psf_fwhm_max_arcsec
         self.psf_grid_arcsec = tuple(lo + (hi - lo) * i / max(n - 1, 1) for i in range(n))
@@ -515,8 +514,7 @@ class SimulatedPairs:
         if dc.normalize_flux:  # deterministic: the random stream is unchanged
             f = dc.reference_rms / noise_scale(sigma, mask)  # flux_factor of each example
             image, sigma = image * f[:, None, None], sigma * f[:, None, None]
-            theta = theta.clone()
-            theta[:, self._flux] = theta[:, self._flux] * f[:, None]
+            theta = scale_flux(theta, f)
             rms, exposure = rms * f, exposure / f
         x = network_input(
             image,

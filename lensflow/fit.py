@@ -48,7 +48,7 @@ from lensflow.config import PRESETS
 from lensflow.cutouts import cut_to_fov
 from lensflow.data import conditioning_fwhm_arcsec, flux_factor
 from lensflow.observation import Observation, load_observation
-from lensflow.params import FLUX_NAMES, NAMES, REGISTRY
+from lensflow.params import REGISTRY, scale_flux
 from lensflow.sampling import PosteriorSamples, sample_posteriors, samples_table
 
 if TYPE_CHECKING:
@@ -91,9 +91,6 @@ SUMMARY_QUANTILES: dict[str, float] = {
     "p2p5": 0.025,
     "p97p5": 0.975,
 }
-
-#: Columns of the flux parameters (``params.FLUX_NAMES``).
-_FLUX = [NAMES.index(name) for name in FLUX_NAMES]
 
 #: Thresholds of the ``reliable`` flag (docs/fit.md gives the measured firing rates).
 RELIABILITY: dict[str, float] = {
@@ -259,8 +256,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     obs = obs.scaled(unit) if unit != 1.0 else obs
     prior = Prior(dtype=torch.float64)
     k = FALLBACK_EMCEE["n_walkers"]
-    theta = result.samples.theta.double().clone()
-    theta[:, _FLUX] = theta[:, _FLUX] * unit
+    theta = scale_flux(result.samples.theta.double(), unit)
     pick = torch.linspace(0, theta.shape[0] - 1, min(k, theta.shape[0])).long()
     start = theta[pick]
     if start.shape[0] < k:  # fewer flow samples than walkers: repeat with a tiny jitter
@@ -296,9 +292,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     n_keep = min(theta.shape[0], run.samples.theta.shape[0])
     keep = torch.linspace(0, run.samples.theta.shape[0] - 1, n_keep).long()
     lp = run.samples.log_prob
-    chain = run.samples.theta[keep].clone()
-    chain[:, _FLUX] = chain[:, _FLUX] / unit
-    samples = dataclasses.replace(run.samples, theta=chain,
+    samples = dataclasses.replace(run.samples, theta=scale_flux(run.samples.theta[keep], 1 / unit),
                                   log_prob=None if lp is None else lp[keep])  # fmt: skip
     diag, image, source = diagnose(result.observation, samples, model,
                                    normalize_flux=unit != 1.0)  # fmt: skip
@@ -548,9 +542,7 @@ def diagnose(
             f"{d.background_rms_min:.3g}-{d.background_rms_max:.3g}{hint}"
         )
     k = flux_factor(obs, d.reference_rms) if normalize_flux else 1.0
-    scaled = median.clone()
-    scaled[_FLUX] = scaled[_FLUX] * k
-    outside = outside_prior(scaled)
+    outside = outside_prior(scale_flux(median, k))
     if outside:
         reasons.append(f"posterior outside the training prior ({', '.join(outside)})")
     diag = Diagnostics(

@@ -44,6 +44,7 @@ __all__ = [
     "from_unconstrained",
     "index",
     "qphi_to_e1e2",
+    "scale_flux",
     "to_caustics",
     "to_unconstrained",
     "unconstrained_stats",
@@ -151,6 +152,29 @@ NAMES: tuple[str, ...] = tuple(p.name for p in REGISTRY)
 #: Parameters in image flux units (surface brightness): they scale with the image's flux
 #: units, every other parameter is independent of them (``Observation.scaled``).
 FLUX_NAMES: tuple[str, ...] = tuple(p.name for p in REGISTRY if p.unit == _AMP)
+
+
+def scale_flux(theta: Tensor, factor: float | Tensor) -> Tensor:
+    """``theta`` in other flux units: a copy with the ``FLUX_NAMES`` columns times ``factor``.
+
+    Args:
+        theta: Parameters, shape ``(..., D)``, columns ``NAMES``.
+        factor: A number, or one factor per row, shape ``theta.shape[:-1]``.
+
+    Returns:
+        The scaled copy, same shape and dtype.
+
+    Example:
+        >>> theta = torch.ones(2, len(NAMES))
+        >>> out = scale_flux(theta, torch.tensor([2.0, 3.0]))
+        >>> out[:, index("source_amp")].tolist(), out[:, index("lens_theta_e")].tolist()
+        ([2.0, 3.0], [1.0, 1.0])
+    """
+    columns = [NAMES.index(name) for name in FLUX_NAMES]
+    factor = torch.as_tensor(factor, dtype=theta.dtype, device=theta.device)
+    out = theta.clone()
+    out[..., columns] = out[..., columns] * factor[..., None]
+    return out
 
 
 def index(name: str, specs: Sequence[ParamSpec] = REGISTRY) -> int:

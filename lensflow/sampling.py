@@ -31,7 +31,7 @@ from lensflow.cutouts import cut_to_fov
 from lensflow.data import flux_factor, observation_input
 from lensflow.feedback import sample_feedback
 from lensflow.observation import Observation
-from lensflow.params import FLUX_NAMES, NAMES, REGISTRY
+from lensflow.params import FLUX_NAMES, NAMES, REGISTRY, scale_flux
 
 if TYPE_CHECKING:
     import numpy as np
@@ -207,7 +207,6 @@ def sample_posteriors(
         normalize_flux = model.data.normalize_flux
     factors = [flux_factor(o, model.data.reference_rms) if normalize_flux else 1.0 for o in cut]
     cut = [o.scaled(k) if k != 1.0 else o for o, k in zip(cut, factors, strict=True)]
-    flux = [NAMES.index(name) for name in FLUX_NAMES]
     out: list[PosteriorSamples] = []
     starts = range(0, len(cut), chunk)
     if progress:
@@ -235,10 +234,9 @@ def sample_posteriors(
                 log_prob = posterior.log_prob(sample, x_rep, n_steps=n_steps, solver=solver)
             k = factors[start + b]
             if k != 1.0:  # back to the cutout's units; q(theta) = q_k(k theta) k^m
-                sample = sample.clone()
-                sample[:, flux] = sample[:, flux] / k
+                sample = scale_flux(sample, 1 / k)
                 if log_prob is not None:
-                    log_prob = log_prob + len(flux) * math.log(k)
+                    log_prob = log_prob + len(FLUX_NAMES) * math.log(k)
             out.append(PosteriorSamples(sample, NAMES, log_prob, method))
     return out
 
