@@ -48,7 +48,7 @@ from lensflow.config import PRESETS
 from lensflow.cutouts import cut_to_fov
 from lensflow.data import conditioning_fwhm_arcsec, flux_factor
 from lensflow.observation import Observation, load_observation
-from lensflow.params import REGISTRY, scale_flux
+from lensflow.params import FLUX_NAMES, REGISTRY, scale_flux
 from lensflow.sampling import PosteriorSamples, sample_posteriors, samples_table
 
 if TYPE_CHECKING:
@@ -101,13 +101,22 @@ RELIABILITY: dict[str, float] = {
 }
 
 
-def outside_prior(median: Tensor, tolerance: float = RELIABILITY["prior_tolerance"]) -> list[str]:
+def outside_prior(
+    median: Tensor,
+    tolerance: float = RELIABILITY["prior_tolerance"],
+    *,
+    flux_widening: float = 1.0,
+) -> list[str]:
     """Registry names whose posterior median lies outside the default prior (training) range.
 
     Args:
         median: Posterior medians, shape ``(21,)``, physical units (``params.NAMES`` order).
         tolerance: Allowed excess, as a fraction of the prior's width (of its log-width for
             log-uniform parameters).
+        flux_widening: The flux parameters' range is ``[low / w, high * w]`` (before the
+            tolerance): what a model sampling in normalized flux units covers, since
+            amplitudes drawn over ``[low, high]`` at noise levels spanning a factor ``w^2``
+            around ``reference_rms`` reach that range once expressed at ``reference_rms``.
 
     Returns:
         The names, in registry order (empty when all medians are inside).
@@ -122,6 +131,8 @@ def outside_prior(median: Tensor, tolerance: float = RELIABILITY["prior_toleranc
     names = []
     for spec, value in zip(REGISTRY, median.tolist(), strict=True):
         lo, hi, v = spec.prior_low, spec.prior_high, value
+        if spec.name in FLUX_NAMES:
+            lo, hi = lo / flux_widening, hi * flux_widening
         if spec.prior == "loguniform":
             if v <= 0:
                 names.append(spec.name)
@@ -542,7 +553,8 @@ def diagnose(
             f"{d.background_rms_min:.3g}-{d.background_rms_max:.3g}{hint}"
         )
     k = flux_factor(obs, d.reference_rms) if normalize_flux else 1.0
-    outside = outside_prior(scale_flux(median, k))
+    widening = math.sqrt(d.background_rms_max / d.background_rms_min) if normalize_flux else 1.0
+    outside = outside_prior(scale_flux(median, k), flux_widening=widening)
     if outside:
         reasons.append(f"posterior outside the training prior ({', '.join(outside)})")
     diag = Diagnostics(

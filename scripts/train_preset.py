@@ -55,6 +55,10 @@ def main() -> None:
     p.add_argument("--normalize-flux", action="store_true",
                    help="DataConfig.normalize_flux: train in flux units normalized to each "
                    "image's background noise")  # fmt: skip
+    p.add_argument("--rms-range-factor", type=float, default=1.0, metavar="F",
+                   help="widen the preset's background-RMS range by F at each end, about its "
+                   "geometric middle (reference_rms unchanged); with --normalize-flux this "
+                   "widens the amplitude-to-noise range the model learns by F each way")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stop-at-step", type=int, default=None)
@@ -66,8 +70,13 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     sim = preset(args.preset)
-    data = dataclasses.replace(data_preset(args.preset), mask_probability=args.mask_probability,
-                               normalize_flux=args.normalize_flux)  # fmt: skip
+    if not args.rms_range_factor >= 1:
+        p.error(f"--rms-range-factor {args.rms_range_factor} must be >= 1")
+    base = data_preset(args.preset)
+    data = dataclasses.replace(base, mask_probability=args.mask_probability,
+                               normalize_flux=args.normalize_flux,
+                               background_rms_min=base.background_rms_min / args.rms_range_factor,
+                               background_rms_max=base.background_rms_max * args.rms_range_factor)  # fmt: skip
     flow = FlowConfig(base_channels=args.base_channels, width=args.width,
                       n_blocks=args.n_blocks, embed_dim=args.embed_dim)  # fmt: skip
     train = TrainConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -238,6 +238,10 @@ def test_diagnostics_flag_posteriors_outside_the_training_prior():
         m = mid.clone()
         m[amp] = value
         assert (outside_prior(m) == ["lens_light_amp"]) == flagged, value
+        # A normalized-flux model covers amplitudes over a range widened by w each way.
+        assert outside_prior(m, flux_widening=2.0) == [], value
+    m[NAMES.index("lens_theta_e")] = 2.5  # widening applies to the flux parameters only
+    assert outside_prior(m, flux_widening=2.0) == ["lens_theta_e"]
     image, sigma, psf, theta, _ = _mock(seed=4)
     off = theta.clone()
     off[NAMES.index("lens_theta_e")] = 2.5  # prior 0.5-2.0"
