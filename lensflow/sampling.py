@@ -167,7 +167,7 @@ def sample_posteriors(
         generator: Torch generator on the model's device, for the base noise when ``seeds``
             is None.
         progress: Show a tqdm progress bar over chunks.
-        normalize_flux: Sample each observation in flux units where its noise floor is
+        normalize_flux: Sample each observation in flux units where its noise scale is
             the model's ``reference_rms`` (``data.flux_factor``), then scale the flux
             parameters back: the samples then do not depend on the cutout's flux units
             (``params.FLUX_NAMES`` scale with them exactly, the rest not at all). Default:
