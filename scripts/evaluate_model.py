@@ -47,6 +47,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lensflow.checkpoint import TrainedPosterior, load_model
+from lensflow.config import data_preset
 from lensflow.data import Pairs, SimulatedPairs
 from lensflow.metrics import interval_coverage, tarp_coverage
 from lensflow.params import REGISTRY
@@ -228,6 +229,10 @@ def main() -> None:
                    help="sampling and chi^2 device; the test lenses are always simulated on "
                    "the CPU, so every device sees the same lenses")  # fmt: skip
     p.add_argument("--lens-chunk", type=int, default=50, help="lenses per sampling call")
+    p.add_argument("--test-data", metavar="PRESET",
+                   help="draw the test lenses from this preset's PSF and depth ranges instead "
+                   "of the model's own (e.g. a model trained over a wider depth range, "
+                   "tested on the standard one)")  # fmt: skip
     p.add_argument("--mask-probability", type=float, default=0.0,
                    help="fraction of test lenses with random likelihood masks (default 0: "
                    "unmasked, whatever the model was trained with)")  # fmt: skip
@@ -241,6 +246,16 @@ def main() -> None:
     model = load_model(args.model)
     model.posterior.to(args.device)
     data = dataclasses.replace(model.data, mask_probability=args.mask_probability)
+    if args.test_data is not None:  # another preset's seeing and depth, in the model's units
+        data = dataclasses.replace(data_preset(args.test_data),
+                                   mask_probability=args.mask_probability,
+                                   normalize_flux=model.data.normalize_flux)  # fmt: skip
+        if (
+            model.data.normalize_flux
+            and abs(data.reference_rms / model.data.reference_rms - 1) > 1e-9
+        ):
+            p.error(f"--test-data {args.test_data}: reference_rms {data.reference_rms:.4g} differs "
+                    f"from the normalized model's {model.data.reference_rms:.4g}")  # fmt: skip
     source = SimulatedPairs(model.simulator, data)
     start = time.perf_counter()
     test = source.sample(args.n_lenses, generator=torch.Generator().manual_seed(args.seed))
