@@ -6,7 +6,7 @@
 # Usage (repository root, lensflow importable, one CUDA GPU):
 #     OUT=runs/gpu bash scripts/gpu_train_ship.sh [TRAIN_S] [FINETUNE_S]
 #     PRESETS=euclid OUT=runs/gpu bash scripts/gpu_train_ship.sh 420 90   # one preset
-#     TRAIN_EXTRA="--normalize-flux --rms-range-factor 10" PRESETS=euclid OUT=runs/gpu \
+#     TRAIN_EXTRA="--normalize-flux --rms-range-factor 3" PRESETS=euclid OUT=runs/gpu \
 #         bash scripts/gpu_train_ship.sh 420 90          # flux-normalized, wider amplitude/noise
 #
 # Both presets train at once on the one GPU, each for TRAIN_S seconds (default 300) with
