@@ -41,6 +41,14 @@ def _add_observation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", metavar="F", help="FITS mask; nonzero pixels are excluded")
 
 
+def _add_normalize_flux_arg(p: argparse.ArgumentParser) -> None:
+    """``--normalize-flux/--no-normalize-flux`` of the sampling commands (default: None)."""
+    p.add_argument("--normalize-flux", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample in flux units where the cutout's noise scale is the model's "
+                   "(default: as the model was trained; the shipped models use absolute "
+                   "units; see docs/real-lenses.md, 'Flux units')")  # fmt: skip
+
+
 def _load_observation(args: argparse.Namespace) -> Observation:
     """The observation named by ``_add_observation_args``' arguments."""
     from lensflow.observation import load_observation
@@ -163,7 +171,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from lensflow.checkpoint import load_control, load_model, model_path
     from lensflow.config import SampleConfig, run_provenance
-    from lensflow.sampling import resolve_feedback, sample_posterior, samples_table, summary_table
+    from lensflow.sampling import (
+        resolve_feedback,
+        resolve_normalize_flux,
+        sample_posterior,
+        samples_table,
+        summary_table,
+    )
 
     obs = _load_observation(args)
     model = load_model(args.model)
@@ -173,9 +187,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     solver = control.solver if control else model.flow.solver
     config = SampleConfig(n_samples=args.n, n_steps=n_steps, solver=solver, seed=args.seed)
     start = time.perf_counter()
+    normalize = resolve_normalize_flux(model, args.normalize_flux)
     samples = sample_posterior(obs, model, config.n_samples, feedback=control or "none",
                                seed=config.seed, n_steps=config.n_steps, solver=config.solver,
-                               normalize_flux=args.normalize_flux)  # fmt: skip
+                               normalize_flux=normalize)  # fmt: skip
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +206,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    "feedback_requested": args.feedback,
                    "control": None if control is None else str(control.path),
                    "control_status": None if control is None else control.meta.get("status"),
-                   "normalize_flux": model.data.normalize_flux if args.normalize_flux is None
-                   else args.normalize_flux, "sampling_s": seconds}  # fmt: skip
+                   "normalize_flux": normalize, "sampling_s": seconds}  # fmt: skip
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     how = "no feedback" if control is None else f"{kind} feedback ({control.path.name})"
     print(f"feedback: {how} [requested: {args.feedback}]; {config.solver}, "
@@ -635,10 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "learned, else none; the default), gradient, learned or none")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--normalize-flux", action=argparse.BooleanOptionalAction, default=None,
-                   help="sample in flux units where the cutout's noise scale is the model's "
-                   "(default: as the model was trained; the shipped models use absolute "
-                   "units; see docs/real-lenses.md, 'Flux units')")  # fmt: skip
+    _add_normalize_flux_arg(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser(
@@ -714,10 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameters of corner.pdf (default: the 7 mass-model parameters)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--normalize-flux", action=argparse.BooleanOptionalAction, default=None,
-                   help="sample in flux units where the cutout's noise scale is the model's "
-                   "(default: as the model was trained; the shipped models use absolute "
-                   "units; see docs/real-lenses.md, 'Flux units')")  # fmt: skip
+    _add_normalize_flux_arg(p)
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser(

@@ -49,7 +49,12 @@ from lensflow.cutouts import cut_to_fov
 from lensflow.data import conditioning_fwhm_arcsec, flux_factor
 from lensflow.observation import Observation, load_observation
 from lensflow.params import FLUX_NAMES, REGISTRY, scale_flux
-from lensflow.sampling import PosteriorSamples, sample_posteriors, samples_table
+from lensflow.sampling import (
+    PosteriorSamples,
+    resolve_normalize_flux,
+    sample_posteriors,
+    samples_table,
+)
 
 if TYPE_CHECKING:
     from astropy.table import Table
@@ -545,7 +550,7 @@ def diagnose(
     lo, hi = d.background_rms_min * (1 - tol), d.background_rms_max * (1 + 2 * tol)
     # A flux-normalized model has no absolute noise range (its depth is the S/N, which the
     # prior check below sees through the amplitudes, in the units the model saw).
-    normalize_flux = d.normalize_flux if normalize_flux is None else normalize_flux
+    normalize_flux = resolve_normalize_flux(model, normalize_flux)
     if not normalize_flux and not lo <= noise <= hi:
         hint = "" if d.normalize_flux else " (normalize_flux / --normalize-flux may help)"
         reasons.append(
@@ -660,7 +665,7 @@ def fit_lenses(
         t0 = time.perf_counter()  # per model: the load time of this group only
         trained = _load(spec, dev)
         model_id = _model_id(trained, spec)
-        normalize = trained.data.normalize_flux if normalize_flux is None else normalize_flux
+        normalize = resolve_normalize_flux(trained, normalize_flux)
         cut = [
             cut_to_fov(observations[i], trained.simulator,
                        center_pix=_center_pix(observations[i], cpix[i], cradec[i]))

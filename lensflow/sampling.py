@@ -43,6 +43,7 @@ __all__ = [
     "read_samples",
     "registry_values",
     "resolve_feedback",
+    "resolve_normalize_flux",
     "sample_posterior",
     "sample_posteriors",
     "samples_table",
@@ -117,6 +118,20 @@ def resolve_feedback(model: TrainedPosterior, feedback: str = "auto") -> str:
             "(use --feedback none, or train one with lensflow finetune)"
         )
     return feedback
+
+
+def resolve_normalize_flux(model: TrainedPosterior, normalize_flux: bool | None = None) -> bool:
+    """Whether sampling runs in normalized flux units: as requested, else as the model was
+    trained (``DataConfig.normalize_flux``).
+
+    Args:
+        model: The trained posterior.
+        normalize_flux: ``True`` or ``False`` to force it, ``None`` to follow the model.
+
+    Returns:
+        The effective choice.
+    """
+    return model.data.normalize_flux if normalize_flux is None else bool(normalize_flux)
 
 
 def _lens_noise(seeds: Sequence[int], n: int, dim: int, like: Tensor) -> Tensor:
@@ -203,8 +218,7 @@ def sample_posteriors(
     cut = [
         cut_to_fov(o, model.simulator).to(parameter.dtype, parameter.device) for o in observations
     ]
-    if normalize_flux is None:
-        normalize_flux = model.data.normalize_flux
+    normalize_flux = resolve_normalize_flux(model, normalize_flux)
     factors = [flux_factor(o, model.data.reference_rms) if normalize_flux else 1.0 for o in cut]
     cut = [o.scaled(k) if k != 1.0 else o for o, k in zip(cut, factors, strict=True)]
     out: list[PosteriorSamples] = []
