@@ -268,8 +268,9 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     # The prior box applies in the flux units the flow sampled in (DataConfig.normalize_flux
     # or fit_lenses(normalize_flux=True)): the chain runs there, and its flux parameters are
     # scaled back at the end.
-    unit = result.provenance.get("flux_factor") or 1.0
-    obs = obs.scaled(unit) if unit != 1.0 else obs
+    normalized = result.provenance.get("flux_factor") is not None
+    unit = result.provenance["flux_factor"] if normalized else 1.0
+    obs = obs.scaled(unit) if normalized else obs
     prior = Prior(dtype=torch.float64)
     k = FALLBACK_EMCEE["n_walkers"]
     theta = scale_flux(result.samples.theta.double(), unit)
@@ -311,7 +312,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     samples = dataclasses.replace(run.samples, theta=scale_flux(run.samples.theta[keep], 1 / unit),
                                   log_prob=None if lp is None else lp[keep])  # fmt: skip
     diag, image, source = diagnose(result.observation, samples, model,
-                                   normalize_flux=unit != 1.0)  # fmt: skip
+                                   normalize_flux=normalized)  # fmt: skip
     record = {
         "method": "emcee",
         "init": init,
