@@ -233,6 +233,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         )
     if args.time_limit is not None and not args.time_limit > 0:
         raise ValueError(f"--time-limit {args.time_limit} must be > 0 seconds")
+    if (args.width is not None and args.width < 1) or (
+        args.blocks is not None and args.blocks < 1
+    ):
+        raise ValueError(f"--width {args.width} and --blocks {args.blocks} must be >= 1")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -250,12 +254,22 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if abs(init.t_start - args.t_start) > 1e-12:
             raise ValueError(f"--init {args.init} was trained for --t-start {init.t_start}, "
                              f"not {args.t_start}")  # fmt: skip
+        c = init.control
+        for flag, asked, has in (("--width", args.width, c.width),
+                                 ("--blocks", args.blocks, c.n_blocks)):  # fmt: skip
+            if asked is not None and asked != has:
+                raise ValueError(f"--init {args.init} has {flag} {has}, not {asked}; "
+                                 f"leave {flag} out to keep the init's shape")  # fmt: skip
         before = init.meta.get("training", {})
         init_record = {"path": str(init.path), "steps": before.get("steps"),
                        "device": before.get("device")}  # fmt: skip
     cfg = FinetuneConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          t_start=args.t_start, n_steps_sample=args.n_steps_sample,
                          solver=args.solver, time_limit_s=args.time_limit)  # fmt: skip
+    if args.width is not None:
+        cfg = dataclasses.replace(cfg, width=args.width)
+    if args.blocks is not None:
+        cfg = dataclasses.replace(cfg, n_blocks=args.blocks)
     if init is not None:  # keep the init's shape in the record
         c = init.control
         cfg = dataclasses.replace(cfg, width=c.width, n_blocks=c.n_blocks, time_dim=c.time_dim)
@@ -679,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-probability", type=float, default=None, metavar="P",
                    help="fraction of training lenses with random likelihood masks "
                    "(default: the model's own training setting)")  # fmt: skip
+    p.add_argument("--width", type=int, default=None,
+                   help="control net hidden width (default: 128, or the --init net's)")  # fmt: skip
+    p.add_argument("--blocks", type=int, default=None,
+                   help="control net residual blocks (default: 2, or the --init net's)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of data, times and noise")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="wall-clock budget in seconds: the learning rate decays over "

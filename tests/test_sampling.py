@@ -321,3 +321,17 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
                  "--mask-probability", "1.5"]) == 2  # fmt: skip
     assert "--mask-probability 1.5 must be in [0, 1]" in capsys.readouterr().err
+    # --width/--blocks shape a new net; an --init net keeps its own shape.
+    wide = tmp_path / "wide"
+    assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(wide),
+                 "--steps", "1", "--batch-size", "2", "--width", "24", "--blocks", "3",
+                 "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    meta = json.loads((wide / "model-gradient.json").read_text())
+    assert meta["width"] == 24 and meta["finetune"]["n_blocks"] == 3
+    assert main(["finetune", "--model", str(run), "--signal", "learned", "--out", str(cont),
+                 "--init", "learned", "--width", "24"]) == 2  # fmt: skip
+    assert "has --width 128, not 24" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
+                 "--blocks", "0"]) == 2  # fmt: skip
+    assert "must be >= 1" in capsys.readouterr().err
