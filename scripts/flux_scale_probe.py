@@ -30,7 +30,7 @@ from lensflow.checkpoint import load_model
 from lensflow.cutouts import cut_to_fov
 from lensflow.data import flux_factor, noise_scale
 from lensflow.observation import load_observation
-from lensflow.params import NAMES
+from lensflow.params import FLUX_NAMES, index, scale_flux
 from lensflow.sampling import sample_posterior
 
 SCALES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -44,7 +44,6 @@ def main() -> None:
     p.add_argument("--json", help="write the numbers here")
     args = p.parse_args()
     torch.set_num_threads(1)
-    amp = {name: NAMES.index(name) for name in ("lens_light_amp", "source_amp")}
     rows = []
     print("| system | SOURCES.md theta_E | s | normalize_flux | flux factor k | "
           "theta_E median [16%, 84%] | lens_light_amp | source_amp |")  # fmt: skip
@@ -70,15 +69,16 @@ def main() -> None:
             k = flux_factor(scaled, model.data.reference_rms) if normalize else 1.0
             post = sample_posterior(scaled, model, args.n, seed=args.seed,
                                     normalize_flux=normalize)  # fmt: skip
-            q = post.theta.double().quantile(torch.tensor([0.16, 0.5, 0.84],
-                                                          dtype=torch.float64), 0)  # fmt: skip
+            probs = torch.tensor([0.16, 0.5, 0.84], dtype=torch.float64)
+            q = scale_flux(post.theta.double().quantile(probs, 0), 1.0 / s)  # cutout's units
+            e = index("lens_theta_e")
             row = {
                 "system": label, "model": preset, "theta_e_reference": ref, "scale": s,
                 "normalize_flux": normalize, "flux_factor": k,
                 "noise_scale": float(noise_scale(scaled.sigma, scaled.mask)),
-                "theta_e_median": float(q[1, 0]), "theta_e_p16": float(q[0, 0]),
-                "theta_e_p84": float(q[2, 0]),
-                **{f"{n}_median": float(q[1, j]) / s for n, j in amp.items()},
+                "theta_e_median": float(q[1, e]), "theta_e_p16": float(q[0, e]),
+                "theta_e_p84": float(q[2, e]),
+                **{f"{n}_median": float(q[1, index(n)]) for n in FLUX_NAMES},
             }  # fmt: skip
             rows.append(row)
             print(f"| {label} | {ref} | {s:g} | {'yes' if normalize else 'no'} | {k:.3g} | "
