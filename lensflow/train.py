@@ -238,8 +238,9 @@ def fit(
     start_time = time.perf_counter() - record["wall_time_s"]
     bar = tqdm(range(record["step"], end), initial=record["step"], total=end, unit="step",
                disable=not progress or rank != 0, desc="train")  # fmt: skip
+    # One clock read per step (a broadcast under DDP): the end of one step's is the next's.
+    elapsed = _elapsed(start_time, config, distributed, device)
     for step in bar:
-        elapsed = _elapsed(start_time, config, distributed, device)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, config, elapsed)
         batch = data.sample(config.batch_size, generator=generator)
@@ -255,10 +256,8 @@ def fit(
                 p_ema.lerp_(p, 1 - decay)
         record["train_loss"].append(float(value.detach()))
         record["step"] = done = step + 1
-        out_of_time = (
-            config.time_limit_s is not None
-            and _elapsed(start_time, config, distributed, device) >= config.time_limit_s
-        )
+        elapsed = _elapsed(start_time, config, distributed, device)
+        out_of_time = config.time_limit_s is not None and elapsed >= config.time_limit_s
         if out_of_time:
             bar.total = end = done
         if done % config.val_every == 0 or done == config.n_steps or out_of_time:
