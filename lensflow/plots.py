@@ -38,6 +38,27 @@ def _planes(obs: Observation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             obs.mask.detach().cpu().numpy())  # fmt: skip
 
 
+def _colorbar(fig, im, ax, *, min_gap: float = 0.07) -> None:  # noqa: ANN001 - matplotlib
+    """A colorbar whose ticks are at least ``min_gap`` of its length apart.
+
+    An asinh colour scale gets ticks at every decade on both sides of zero, which crowd and
+    overlap near zero; ticks are kept from the top down, dropping any closer than
+    ``min_gap`` (in the norm's 0-1 units) to one already kept.
+    """
+    cb = fig.colorbar(im, ax=ax, shrink=0.8)
+    norm = im.norm
+    ticks = [t for t in cb.get_ticks() if norm.vmin <= t <= norm.vmax]
+    if len(ticks) < 3:
+        return
+    kept: list[float] = []
+    last = None
+    for pos, tick in sorted(zip(np.asarray(norm(ticks)), ticks, strict=True), reverse=True):
+        if last is None or last - pos >= min_gap:
+            kept.append(tick)
+            last = pos
+    cb.set_ticks(sorted(kept))
+
+
 def plot_observation(obs: Observation, path: str | Path, *, title: str | None = None) -> Path:
     """Write a PNG/PDF with the image, the noise map, S/N and the PSF of an observation.
 
@@ -83,7 +104,7 @@ def plot_observation(obs: Observation, path: str | Path, *, title: str | None = 
                 lim = float(np.percentile(np.abs(finite), 99.5)) or 1.0
                 kwargs.update(vmin=-lim, vmax=lim)
         im = ax.imshow(data, **kwargs)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        _colorbar(fig, im, ax)
         ax.set_title(label, fontsize=10)
         if ext is not None:
             ax.set_xlabel("x [arcsec]")
@@ -283,7 +304,7 @@ def residual_plot(
     for ax, (data, label) in zip(axes[:2], panels, strict=True):
         im = ax.imshow(data, origin="lower", cmap="magma", extent=extent,
                        norm=AsinhNorm(vmin=lo, vmax=hi, **norm))  # fmt: skip
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        _colorbar(fig, im, ax)
         ax.set_title(label, fontsize=10)
     im = axes[2].imshow(resid, origin="lower", cmap="RdBu_r", vmin=-5, vmax=5, extent=extent)
     fig.colorbar(im, ax=axes[2], shrink=0.8)
@@ -304,7 +325,7 @@ def residual_plot(
             extent=ext,
             norm=AsinhNorm(linear_width=top * 1e-2, vmin=0.0, vmax=top),
         )
-        fig.colorbar(im, ax=axes[3], shrink=0.8)
+        _colorbar(fig, im, axes[3])
         axes[3].set_title("source plane (unlensed model)", fontsize=10)
         axes[3].set_xlabel("x - x_source [arcsec]")
         axes[3].set_ylabel("y - y_source [arcsec]")
