@@ -47,6 +47,8 @@ def _colorbar(fig, im, ax, *, min_gap: float = 0.07) -> None:  # noqa: ANN001 - 
     """
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
     norm = im.norm
+    if norm.vmin is None or norm.vmax is None:  # not scaled yet: nothing to thin against
+        return
     ticks = [t for t in cb.get_ticks() if norm.vmin <= t <= norm.vmax]
     if len(ticks) < 3:
         return

@@ -54,3 +54,10 @@ def test_residual_plot_writes_an_image_of_the_three_panels(tmp_path):
     assert img.ndim == 3 and img.shape[1] > 2.5 * img.shape[0]  # three panels side by side
     with pytest.raises(ValueError, match="differs from the image"):
         plots.residual_plot(obs, model[:-1], tmp_path / "bad.png")
+
+
+def test_plot_observation_writes_the_four_panels(tmp_path):
+    from matplotlib.image import imread
+
+    img = imread(plots.plot_observation(_ring(), tmp_path / "obs.png"))
+    assert img.ndim == 3 and img.shape[1] > 3 * img.shape[0]
