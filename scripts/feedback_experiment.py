@@ -111,7 +111,13 @@ def evaluate(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     posterior = model.posterior.eval()
     transform = posterior.transform
-    source = SimulatedPairs(model.simulator, model.data)
+    # Masks are drawn last: overriding them leaves the lenses, PSFs and noise unchanged.
+    overrides = {
+        "mask_probability": args.mask_probability,
+        "mask_max_fraction": args.mask_max_fraction,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    source = SimulatedPairs(model.simulator, dataclasses.replace(model.data, **overrides))
     test = source.sample(args.n_lenses, generator=torch.Generator().manual_seed(args.seed))
     if args.lenstronomy_numerics != "none":  # the same lenses and noise, rendered by lenstronomy
         from lensflow.baselines.lenstronomy import lenstronomy_pairs
@@ -170,6 +176,10 @@ def evaluate(args: argparse.Namespace) -> None:
     truths = {"chi2_mean": float(chi2_truth.mean()), "chi2_median": float(chi2_truth.median()),
               "chi2_exact_mean": float(chi2_truth_exact.mean()),
               "chi2_exact_median": float(chi2_truth_exact.median())}  # fmt: skip
+    masked = 1 - test.mask.double().mean(dim=(1, 2))  # per lens
+    masks = {"masked_fraction_mean": float(masked.mean()),
+             "masked_fraction_max": float(masked.max()),
+             "lenses_masked": int((masked > 0).sum())}  # fmt: skip
     for r in results:
         for k, t in truths.items():
             excess = None if base is None else base[k] - t
@@ -183,7 +193,9 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"\n{args.n_lenses} held-out lenses (seed {args.seed}) x {args.n_samples} samples; "
           f"truth reduced chi^2 (obs PSF) mean {truths['chi2_mean']:.4f}, median "
           f"{truths['chi2_median']:.4f}; (exact) mean {truths['chi2_exact_mean']:.4f}, median "
-          f"{truths['chi2_exact_median']:.4f}")  # fmt: skip
+          f"{truths['chi2_exact_median']:.4f}; {masks['lenses_masked']} lenses masked, "
+          f"masked fraction mean {masks['masked_fraction_mean']:.3f}, max "
+          f"{masks['masked_fraction_max']:.3f}")  # fmt: skip
     print(
         "| variant | sampler | mean / median χ²_r (obs PSF) | excess cut (mean / median) | "
         "mean / median χ²_r (exact) | excess cut (mean / median) | param error (u) | "
@@ -201,7 +213,11 @@ def evaluate(args: argparse.Namespace) -> None:
               f"{r['simulator_calls_per_sample']} |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "truth": truths, "results": results}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "truth": truths, "masks": masks, "results": results},
+                f,
+                indent=1,
+            )
 
 
 def main() -> None:
@@ -231,6 +247,16 @@ def main() -> None:
         help="--evaluate: render the held-out lenses with lenstronomy (same parameters, PSF, "
         "depth and noise draws): with the simulator's numerics, or lenstronomy's own "
         "(6x supersampling, native-pixel convolution); the feedback still uses caustics",
+    )  # fmt: skip
+    p.add_argument(
+        "--mask-probability", type=float,
+        help="--evaluate: chance that a held-out lens gets a random likelihood mask (default: "
+        "the model's training setting); the lenses and noise do not change with it",
+    )  # fmt: skip
+    p.add_argument(
+        "--mask-max-fraction", type=float,
+        help="--evaluate: bound on a mask's masked fraction (data.random_masks; default: the "
+        "model's training setting)",
     )  # fmt: skip
     p.add_argument("--normalize-flux", action="store_true",
                    help="--evaluate: sample in the model's flux units "
