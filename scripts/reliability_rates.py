@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 
 import torch
 
@@ -31,7 +32,8 @@ from lensflow.prior import Prior
 from lensflow.simulator import LensSimulator, NoiseModel, gaussian_psf
 
 CONDITIONS = ("good", "wrong_psf", "wrong_pixel_scale", "outside_prior")
-REASONS = {"fit poorly": "chi2", "structured": "coherence", "PSF FWHM": "psf", "noise": "noise"}
+REASONS = {"fit poorly": "chi2", "structured": "coherence", "PSF FWHM": "psf", "noise": "noise",
+           "training prior": "prior"}  # fmt: skip
 
 
 def _lenses(preset: str, n: int, seed: int, condition: str) -> list[Observation]:
@@ -88,8 +90,11 @@ def main() -> None:
         obs = _lenses(args.preset, args.n_lenses, args.seed, condition)
         t0 = time.perf_counter()
         try:
-            results = fit_lenses(obs, preset=args.preset, n=args.n_samples,
-                                 feedback=args.feedback, seeds=list(range(len(obs))))  # fmt: skip
+            with warnings.catch_warnings():  # the wrong pixel scale's resampling warning
+                warnings.filterwarnings("ignore", message=".*correlates output pixels")
+                results = fit_lenses(obs, preset=args.preset, n=args.n_samples,
+                                     feedback=args.feedback,
+                                     seeds=list(range(len(obs))))  # fmt: skip
         except ValueError as err:  # e.g. a declared pixel scale the cut cannot serve
             rows.append({"condition": condition, "error": str(err)})
             continue
@@ -101,28 +106,32 @@ def main() -> None:
         }
         chi2 = torch.tensor([r.diagnostics.chi2_red_samples for r in results])
         coh = torch.tensor([r.diagnostics.residual_coherence for r in results])
+        q10, q50, q90 = chi2.double().quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
         rows.append({
             "condition": condition,
             "n_lenses": len(results),
             "flagged": sum(flagged) / len(results),
             "by_reason": by_reason,
-            "chi2_red_samples_median": float(chi2.median()),
+            "chi2_red_samples_median": float(q50),
+            "chi2_red_samples_p10_p90": [float(q10), float(q90)],
             "residual_coherence_median": float(coh.nanmedian()),
             "feedback": results[0].feedback,
             "wall_s": wall,
         })  # fmt: skip
     print(f"preset {args.preset}, {args.n_lenses} lenses per condition, {args.n_samples} samples, "
           f"feedback {args.feedback}")  # fmt: skip
-    print("| condition | flagged | chi2 | coherence | PSF range | noise range | "
-          "median chi2_red of samples | median coherence | feedback |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| condition | flagged | chi2 | coherence | PSF range | noise range | prior | "
+          "median chi2_red of samples [10%, 90%] | median coherence | feedback |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['condition']} | error: {r['error']} |||||||")
+            print(f"| {r['condition']} | error: {r['error']} ||||||||")
             continue
         b = r["by_reason"]
+        lo, hi = r["chi2_red_samples_p10_p90"]
         print(f"| {r['condition']} | {r['flagged']:.2f} | {b['chi2']:.2f} | {b['coherence']:.2f} "
-              f"| {b['psf']:.2f} | {b['noise']:.2f} | {r['chi2_red_samples_median']:.2f} "
+              f"| {b['psf']:.2f} | {b['noise']:.2f} | {b['prior']:.2f} "
+              f"| {r['chi2_red_samples_median']:.3g} [{lo:.3g}, {hi:.3g}] "
               f"| {r['residual_coherence_median']:.2f} | {r['feedback']} |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
