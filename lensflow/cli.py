@@ -261,7 +261,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                 raise ValueError(f"--init {args.init} has {flag} {has}, not {asked}; "
                                  f"leave {flag} out to keep the init's shape")  # fmt: skip
         before = init.meta.get("training", {})
-        init_record = {"path": str(init.path), "steps": before.get("steps"),
+        # An init that was itself continued has trained steps_total steps in all.
+        init_record = {"path": str(init.path),
+                       "steps": before.get("steps_total", before.get("steps")),
                        "device": before.get("device")}  # fmt: skip
     cfg = FinetuneConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          t_start=args.t_start, n_steps_sample=args.n_steps_sample,

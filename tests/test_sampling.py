@@ -307,6 +307,13 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     again = json.loads((cont / "model-learned.json").read_text())["training"]
     assert again["init"]["path"] == str(run / "model-learned.json")
     assert again["init"]["steps"] == 2 and again["steps_total"] == 4
+    # A continued net continued again counts every step before it (2 + 2 + 1).
+    assert main(["finetune", "--model", str(run), "--signal", "learned", "--out",
+                 str(tmp_path / "cont2"), "--init", str(cont / "model-learned.json"),
+                 "--steps", "1", "--batch-size", "2", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    third = json.loads((tmp_path / "cont2" / "model-learned.json").read_text())["training"]
+    assert third["init"]["steps"] == 4 and third["steps_total"] == 5
     from safetensors.torch import load_file
 
     a = load_file(run / "model-learned.safetensors")
