@@ -23,7 +23,8 @@ Example::
 
 ``--evaluate`` measures trained control-net checkpoints end to end, the way users
 sample: held-out lenses simulated over the model's full PSF grid and depth ranges become
-``Observation`` records (Gaussian PSF kernel at the pixel scale, noise map, no mask), and
+``Observation`` records (pixel-integrated PSF kernel, noise map, and the random likelihood
+masks of the model's training setting, ``--mask-probability``/``--mask-max-fraction``), and
 every variant goes through ``sampling.sample_posteriors`` (feedback cost from
 ``feedback.lens_cost`` of the cut observation, one seed per lens, the same seeds for every
 variant). Scores as above, plus the parameter error in the standardized space (median over

@@ -36,7 +36,7 @@ def test_shipped_control_nets_load_against_their_base_as_recorded(preset):
 def test_shipped_gradient_feedback_cuts_the_excess_chi2_of_held_out_lenses(preset):
     """The shipped default (gradient feedback) against the flow's own default sampler.
 
-    On 200 held-out lenses the cut is 81% (euclid) and 73% (hst) of the excess mean reduced
+    On 200 held-out lenses the cut is 81% (euclid) and 74% (hst) of the excess mean reduced
     chi^2 (docs/feedback.md); 8 seeded lenses x 24 samples must show at least half of that.
     """
     model = load_model(preset)
