@@ -76,7 +76,7 @@ _PATH_COLUMNS = ("image", "noise", "weight", "psf", "mask")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 #: Diagnostics columns (``fit.Diagnostics`` fields; its ``reason`` is ``unreliable_reason``).
 _DIAGNOSTICS = {"chi2_red_median": None, "chi2_red_samples": None, "residual_coherence": None,
-                "psf_fwhm_arcsec": "arcsec", "noise_rms": None}  # fmt: skip
+                "psf_fwhm_arcsec": "arcsec", "noise_rms": None, "masked_fraction": None}  # fmt: skip
 _SUMMARY_SUFFIXES = ("median", "p16", "p84", "p2p5", "p97p5")
 _SUMMARY_COLUMNS = tuple(f"{p.name}_{s}" for p in REGISTRY for s in _SUMMARY_SUFFIXES)
 _OUTPUT_COLUMNS = ("status", "reason", "feedback", "seed", "wall_time_s", "method",
@@ -492,7 +492,8 @@ def results_table(catalog: Table, out: str | Path) -> Table:
         table[name] = ok(lambda r, name=name: r["summary"][name])
         table[name].unit = u.Unit(units[param]) if units[param] else None
     for name, unit in _DIAGNOSTICS.items():
-        table[name] = ok(lambda r, name=name: r["diagnostics"][name])
+        # Records written before a diagnostic existed lack it: NaN.
+        table[name] = ok(lambda r, name=name: r["diagnostics"].get(name, math.nan))
         table[name].unit = unit
     table["reliable"] = column(lambda r: bool(r.get("reliable", False)), False)
     table["unreliable_reason"] = column(lambda r: r.get("unreliable_reason", ""), "")

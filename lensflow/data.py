@@ -62,6 +62,7 @@ __all__ = [
     "noise_scale",
     "observation_input",
     "random_masks",
+    "training_masked_fraction",
     "write_pairs",
 ]
 
@@ -358,6 +359,33 @@ def random_masks(
     bad = rand(n, h, w) < rand(n)[:, None, None] * (max_fraction / 10)
     masked = rand(n) < probability
     return ~((discs | bad) & masked[:, None, None])
+
+
+def training_masked_fraction(config: DataConfig) -> float:
+    """The largest masked fraction of a training image under a data config.
+
+    :func:`random_masks` covers at most ``max_fraction / 2`` of an image with its discs and,
+    in expectation, at most ``max_fraction / 10`` with bad pixels, so ``0.6 *
+    mask_max_fraction`` bounds what a model saw (up to the bad pixels' binomial scatter,
+    about 0.2% of a 64 x 64 cutout). A masked fraction beyond it is outside the training
+    distribution; docs/fit.md measures what that costs.
+
+    Args:
+        config: The model's data config.
+
+    Returns:
+        The fraction in ``[0, 1)``; 0 for a model trained without masks.
+
+    Example:
+        >>> from lensflow.config import DataConfig
+        >>> training_masked_fraction(DataConfig(mask_probability=0.3, mask_max_fraction=0.15))
+        0.09
+        >>> training_masked_fraction(DataConfig())
+        0.0
+    """
+    if config.mask_probability <= 0:
+        return 0.0
+    return round(0.6 * config.mask_max_fraction, 12)
 
 
 def _log_uniform(

@@ -19,6 +19,9 @@ Diagnostics (``Diagnostics``; thresholds in ``RELIABILITY``, measured in docs/fi
   coherent (unmodelled structure, wrong PSF).
 * ``psf_fwhm_arcsec`` and ``noise_rms`` (the background RMS, fitted to the noise map as
   ``sigma^2 = rms^2 + max(image, 0) / t``) against the ranges the model was trained on.
+* ``masked_fraction`` of the cut observation (padding included) against the largest the
+  model saw in training (``data.training_masked_fraction``): beyond it the posterior
+  loses accuracy and calibration quickly (docs/fit.md).
 * the posterior medians against the registry's default prior, the range the model was
   trained on: a median beyond it (by more than ``prior_tolerance`` of the prior's width,
   in log space for log-uniform parameters) means the network extrapolated, as on real
@@ -46,7 +49,7 @@ from torch import Tensor
 from lensflow import __version__
 from lensflow.config import PRESETS
 from lensflow.cutouts import cut_to_fov
-from lensflow.data import conditioning_fwhm_arcsec, flux_factor
+from lensflow.data import conditioning_fwhm_arcsec, flux_factor, training_masked_fraction
 from lensflow.observation import Observation, load_observation
 from lensflow.params import FLUX_NAMES, REGISTRY, scale_flux
 from lensflow.sampling import (
@@ -101,7 +104,7 @@ SUMMARY_QUANTILES: dict[str, float] = {
 RELIABILITY: dict[str, float] = {
     "chi2_red_samples_max": 1.5,  # posterior samples fit the data much worse than noise
     "residual_coherence_max": 2.0,  # spatially coherent residual structure
-    "range_tolerance": 0.15,  # PSF / noise may exceed the training range by this fraction
+    "range_tolerance": 0.15,  # PSF / noise / masked fraction may exceed the training range
     "prior_tolerance": 0.05,  # posterior medians may leave the prior box by this fraction
 }
 
@@ -172,6 +175,8 @@ class Diagnostics:
         psf_fwhm_arcsec: The observation's PSF FWHM (Gaussian fit), arcsec.
         noise_rms: Background noise RMS, image units: the intercept of a fit of
             ``sigma^2 = rms^2 + max(image, 0) / t`` to the noise map.
+        masked_fraction: Fraction of the cut observation's pixels excluded from the
+            likelihood (masked or padded), in ``[0, 1)``.
         reliable: True when no check fired.
         reason: Semicolon-separated reasons; empty when reliable.
     """
@@ -181,6 +186,7 @@ class Diagnostics:
     residual_coherence: float
     psf_fwhm_arcsec: float
     noise_rms: float
+    masked_fraction: float
     reliable: bool
     reason: str
 
@@ -558,6 +564,11 @@ def diagnose(
             f"noise level {noise:.3g} outside the training range "
             f"{d.background_rms_min:.3g}-{d.background_rms_max:.3g}{hint}"
         )
+    masked, trained = obs.masked_fraction, training_masked_fraction(d)
+    if masked > trained * (1 + tol) + 1e-9:
+        what = "trained without masks" if trained == 0 else f"trained on at most {trained:.3f}"
+        reasons.append(f"masked fraction {masked:.3f} outside the training range (the model "
+                       f"was {what})")  # fmt: skip
     k = flux_factor(obs, d.reference_rms) if normalize_flux else 1.0
     widening = math.sqrt(d.background_rms_max / d.background_rms_min) if normalize_flux else 1.0
     outside = outside_prior(scale_flux(median, k), flux_widening=widening)
@@ -569,6 +580,7 @@ def diagnose(
         residual_coherence=coherence,
         psf_fwhm_arcsec=fwhm,
         noise_rms=noise,
+        masked_fraction=masked,
         reliable=not reasons,
         reason="; ".join(reasons),
     )

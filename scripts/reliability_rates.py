@@ -1,13 +1,16 @@
 """How often the ``reliable`` flag of ``lensflow.fit`` fires, on good and on mismatched inputs.
 
 Held-out simulated lenses from the preset's training ranges (PSF and depth vary per lens;
-seed not used in training) are fitted with ``fit.fit_lenses`` under four conditions:
+seed not used in training) are fitted with ``fit.fit_lenses`` under these conditions:
 
 * ``good``: the observation as simulated (native-pixel Gaussian PSF kernel of the true
   FWHM, per-pixel noise map);
 * ``wrong_psf``: the PSF kernel handed over is 1.5x wider than the one that made the image;
 * ``wrong_pixel_scale``: the pixel scale is declared 20% larger than it is;
-* ``outside_prior``: theta_E drawn from 2.4-3.0" (the prior ends at 2.0").
+* ``outside_prior``: theta_E drawn from 2.4-3.0" (the prior ends at 2.0");
+* ``large_mask``: the good lenses under random masks larger than training's
+  (``data.random_masks`` with ``max_fraction`` 0.9: discs and bad pixels covering 0-40%
+  of the pixels, 13% on average; the model saw at most 9%).
 
 Prints a Markdown table and writes JSON. Example (docs/fit.md)::
 
@@ -18,6 +21,7 @@ Prints a Markdown table and writes JSON. Example (docs/fit.md)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import warnings
@@ -25,15 +29,16 @@ import warnings
 import torch
 
 from lensflow.config import DATA_PRESETS, PRESETS
+from lensflow.data import random_masks
 from lensflow.fit import fit_lenses
 from lensflow.observation import Observation
 from lensflow.params import NAMES
 from lensflow.prior import Prior
 from lensflow.simulator import LensSimulator, NoiseModel, gaussian_psf
 
-CONDITIONS = ("good", "wrong_psf", "wrong_pixel_scale", "outside_prior")
+CONDITIONS = ("good", "wrong_psf", "wrong_pixel_scale", "outside_prior", "large_mask")
 REASONS = {"fit poorly": "chi2", "structured": "coherence", "PSF FWHM": "psf", "noise": "noise",
-           "training prior": "prior"}  # fmt: skip
+           "training prior": "prior", "masked fraction": "mask"}  # fmt: skip
 
 
 def _lenses(preset: str, n: int, seed: int, condition: str) -> list[Observation]:
@@ -71,6 +76,10 @@ def _lenses(preset: str, n: int, seed: int, condition: str) -> list[Observation]
             Observation(image, noise.sigma(clean), given_psf, scale,
                         torch.ones_like(image, dtype=torch.bool), name=f"{condition}{i}")
         )  # fmt: skip
+    if condition == "large_mask":  # own generator: the lenses stay those of "good"
+        masks = random_masks(n, out[0].shape, probability=1.0, max_fraction=0.9,
+                             generator=torch.Generator().manual_seed(seed + 1))  # fmt: skip
+        out = [dataclasses.replace(o, mask=m) for o, m in zip(out, masks, strict=True)]
     return out
 
 
@@ -82,11 +91,12 @@ def main() -> None:
     p.add_argument("--feedback", default="auto")
     p.add_argument("--seed", type=int, default=20261126)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for condition in CONDITIONS:
+    for condition in args.conditions:
         obs = _lenses(args.preset, args.n_lenses, args.seed, condition)
         t0 = time.perf_counter()
         try:
@@ -120,17 +130,17 @@ def main() -> None:
         })  # fmt: skip
     print(f"preset {args.preset}, {args.n_lenses} lenses per condition, {args.n_samples} samples, "
           f"feedback {args.feedback}")  # fmt: skip
-    print("| condition | flagged | chi2 | coherence | PSF range | noise range | prior | "
+    print("| condition | flagged | chi2 | coherence | PSF range | noise range | prior | mask | "
           "median chi2_red of samples [10%, 90%] | median coherence | feedback |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['condition']} | error: {r['error']} ||||||||")
+            print(f"| {r['condition']} | error: {r['error']} |||||||||")
             continue
         b = r["by_reason"]
         lo, hi = r["chi2_red_samples_p10_p90"]
         print(f"| {r['condition']} | {r['flagged']:.2f} | {b['chi2']:.2f} | {b['coherence']:.2f} "
-              f"| {b['psf']:.2f} | {b['noise']:.2f} | {b['prior']:.2f} "
+              f"| {b['psf']:.2f} | {b['noise']:.2f} | {b['prior']:.2f} | {b['mask']:.2f} "
               f"| {r['chi2_red_samples_median']:.3g} [{lo:.3g}, {hi:.3g}] "
               f"| {r['residual_coherence_median']:.2f} | {r['feedback']} |")  # fmt: skip
     if args.json:

@@ -12,6 +12,7 @@ from lensflow.data import (
     network_input,
     observation_input,
     random_masks,
+    training_masked_fraction,
     write_pairs,
 )
 from lensflow.mocks import write_mock_fits
@@ -117,6 +118,20 @@ def test_random_masks_probability_fraction_and_shapes():
     assert random_masks(5, (8, 8), probability=0.0, max_fraction=0.1).all()
     with pytest.raises(ValueError, match="max_fraction"):
         random_masks(1, (8, 8), probability=0.5, max_fraction=1.0)
+
+
+@pytest.mark.parametrize("max_fraction", [0.15, 0.5, 0.9])
+def test_training_masked_fraction_bounds_the_random_masks(max_fraction):
+    # 0.6 * max_fraction bounds every mask (64 x 64, the euclid grid) and is not loose: the
+    # largest of 2,000 reaches more than 60% of it.
+    config = DataConfig(mask_probability=1.0, mask_max_fraction=max_fraction)
+    bound = training_masked_fraction(config)
+    assert bound == pytest.approx(0.6 * max_fraction)
+    g = torch.Generator().manual_seed(1)
+    m = random_masks(2000, (64, 64), probability=1.0, max_fraction=max_fraction, generator=g)
+    largest = (1 - m.double().mean(dim=(1, 2))).max().item()
+    assert 0.6 * bound < largest <= bound
+    assert training_masked_fraction(DataConfig(mask_probability=0.0)) == 0.0
 
 
 def test_masked_pairs_zero_the_input_and_round_trip(tmp_path):

@@ -225,6 +225,28 @@ def test_diagnostics_pass_at_the_truth_and_flag_mismatches():
     assert not wide.reliable and "PSF FWHM" in wide.reason
 
 
+def test_diagnostics_flag_a_masked_fraction_beyond_the_training_masks():
+    # The shipped euclid model saw masks of at most 9% of the pixels (0.6 x 0.15); up to 15%
+    # beyond that passes, more is flagged (docs/fit.md: coverage 0.48 / 0.76 at 9-12%).
+    image, sigma, psf, theta, _ = _mock(seed=4)
+    samples = PosteriorSamples(theta.expand(32, -1).clone())
+    model = load_model("euclid")
+    for rows, flagged in ((6, False), (10, True)):  # 6 / 64 = 9.4%, 10 / 64 = 15.6%
+        mask = torch.ones_like(image, dtype=torch.bool)
+        mask[:rows] = False
+        obs = Observation(image, sigma, psf, EUCLID.pixel_scale_arcsec, mask, name="m")
+        d = diagnose(obs, samples, model)[0]
+        assert d.masked_fraction == pytest.approx(rows / 64)
+        assert ("masked fraction" in d.reason) == flagged, d.reason
+        assert d.reliable == (not flagged), d.reason
+    assert "trained on at most 0.090" in d.reason
+    untrained = dataclasses.replace(
+        model, data=dataclasses.replace(model.data, mask_probability=0.0)
+    )
+    d = diagnose(obs, samples, untrained)[0]
+    assert "the model was trained without masks" in d.reason
+
+
 def test_diagnostics_flag_posteriors_outside_the_training_prior():
     from lensflow.fit import outside_prior
     from lensflow.prior import Prior
