@@ -26,6 +26,7 @@ import torch
 
 from lensflow.checkpoint import load_model
 from lensflow.data import SimulatedPairs, training_masked_fraction
+from lensflow.metrics import interval_coverage
 from lensflow.sampling import sample_posteriors
 
 BINS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.15, 0.2, 0.4)
@@ -39,10 +40,11 @@ def per_lens(model, data, n: int, n_samples: int, seed: int) -> dict[str, list[f
                                 seeds=[seed * 1000 + i for i in range(n)], chunk=25)  # fmt: skip
     theta = torch.stack([s.theta for s in samples], dim=1)  # (M, N, D)
     truth = test.theta.to(theta)
-    a = torch.tensor([0.68, 0.95], dtype=theta.dtype)
-    q = torch.stack([(1 - a) / 2, (1 + a) / 2]).flatten()
-    bounds = torch.quantile(theta, q, dim=0).reshape(2, 2, *truth.shape)
-    inside = ((bounds[0] <= truth) & (truth <= bounds[1])).to(theta.dtype).mean(-1)  # (2, N)
+    # Per lens: the fraction of its parameters inside their central intervals, (2, N).
+    inside = torch.stack([
+        interval_coverage(theta[:, i : i + 1], truth[i : i + 1]).coverage.mean(-1)
+        for i in range(n)
+    ], dim=1)  # fmt: skip
     theta_e = (theta.mean(0)[:, 0] - truth[:, 0]).abs() / truth[:, 0]
     return {
         "masked_fraction": (1 - test.mask.double().mean(dim=(1, 2))).tolist(),
