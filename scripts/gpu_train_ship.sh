@@ -15,6 +15,13 @@
 # for euclid) finetune at once for FINETUNE_S seconds (default 90) while the base models
 # are evaluated. Models go to ship/, logs and tables to runs/gpu_logs; $OUT receives
 # only the bundles base.tgz.* (the base models, split in 15 MB parts) and rest.tgz.
+#
+# Options (environment):
+#     HST_CONTINUE_S=S  also continue the shipped hst gradient net (lensflow/models/
+#                       hst-gradient) on the GPU for S seconds while the base trains, into
+#                       ship_hst/ beside a copy of the shipped hst base; benchmarked at the end
+#     T06=0             skip the t_start 0.6 euclid variant
+# The sampling benchmarks run one after another so that their timings are not shared.
 set -u
 T=${1:-300}
 F=${2:-90}
@@ -22,6 +29,8 @@ OUT=${OUT:-runs/gpu}
 L=runs/gpu_logs
 PRESETS=${PRESETS:-"hst euclid"}
 TRAIN_EXTRA=${TRAIN_EXTRA:-}  # more train_preset.py flags, e.g. --normalize-flux
+HST_CONTINUE_S=${HST_CONTINUE_S:-0}
+T06=${T06:-1}
 has() { case " $PRESETS " in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$OUT" "$L" ship
 export PYTHONUNBUFFERED=1
@@ -40,6 +49,15 @@ for p in $PRESETS; do
         --mask-probability 0.3 --tf32 --threads 4 $ARCH $TRAIN_EXTRA --out "runs/${p}_gpu" \
         >"$L/train_$p.log" 2>&1 &
 done
+if [ "$HST_CONTINUE_S" -gt 0 ]; then
+    mkdir -p ship_hst && cp lensflow/models/hst.json lensflow/models/hst.safetensors ship_hst/
+    timeout $((HST_CONTINUE_S + 90)) python -m lensflow.cli finetune --model ship_hst/hst.json \
+        --signal gradient --init lensflow/models/hst-gradient.json --out ship_hst \
+        --steps 1000000 --batch-size 64 --lr 1e-3 --seed 9 --device cuda \
+        --time-limit "$HST_CONTINUE_S" --quiet \
+        --status "CPU-trained 3,000 steps, continued on the GPU for $HST_CONTINUE_S s" \
+        >"$L/ft_hst_continue.log" 2>&1 &
+fi
 timeout 240 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
     tests/test_simulator.py >"$L/pytest_gpu.log" 2>&1 &
 wait
@@ -65,11 +83,11 @@ if has hst; then ft hst gradient 0.8 ship & fi
 if has euclid; then
     ft euclid gradient 0.8 ship &
     ft euclid learned 0.8 ship &
-    (cp ship/euclid.* ship_t06/ && ft euclid gradient 0.6 ship_t06) &
+    if [ "$T06" != 0 ]; then (cp ship/euclid.* ship_t06/ && ft euclid gradient 0.6 ship_t06) & fi
 fi
 for p in $PRESETS; do
     timeout 240 python scripts/evaluate_model.py --model "ship/$p.json" --device cuda \
-        --threads 4 --n-lenses 1000 --n-samples 200 --lens-chunk 250 \
+        --threads 4 --n-lenses 1000 --n-samples 200 --lens-chunk 250 --test-data "$p" \
         --json "$L/eval_$p.json" >"$L/eval_$p.txt" 2>&1 &
 done
 wait
@@ -77,14 +95,16 @@ cat "$L"/ft_*.log | grep -v "^\s*$" | tail -n 8
 grep -h "^| all\|^## " "$L"/eval_*.txt
 
 log "sampling benchmarks"
-for p in $PRESETS; do
-    timeout 90 python scripts/bench_sampling.py --model "ship/$p.json" --device cuda \
+bench() {  # model-json name
+    timeout 90 python scripts/bench_sampling.py --model "$1" --device cuda \
         --threads 4 --repeats 2 --feedback gradient --feedback-lenses 100 \
-        >"$L/bench_$p.txt" 2>&1 &
-done
-wait
-cat "$L"/bench_*.txt
+        >"$L/bench_$2.txt" 2>&1
+    cat "$L/bench_$2.txt"
+}
+for p in $PRESETS; do bench "ship/$p.json" "$p"; done
+if [ "$HST_CONTINUE_S" -gt 0 ]; then bench ship_hst/hst.json hst_continued; fi
 rm -f ship_t06/euclid.safetensors ship_t06/euclid.json
-tar czf "$OUT/rest.tgz" ship/*-* ship_t06 "$L" runs/*_gpu/train_state.json
+rm -f ship_hst/hst.safetensors ship_hst/hst.json
+tar czf "$OUT/rest.tgz" ship/*-* ship_t06 ship_hst "$L" runs/*_gpu/train_state.json
 log "done"
 ls -la "$OUT"

@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--mask-probability", type=float, default=0.0,
                    help="fraction of training images with random likelihood masks "
                    "(DataConfig.mask_probability; the shipped CPU models used 0)")  # fmt: skip
+    p.add_argument("--mask-max-fraction", type=float, default=None, metavar="F",
+                   help="largest masked fraction of an image (DataConfig.mask_max_fraction; "
+                   "default: the preset's, 0.15); the reliable flag's mask check scales with it")  # fmt: skip
     p.add_argument("--normalize-flux", action="store_true",
                    help="DataConfig.normalize_flux: train in flux units normalized to each "
                    "image's background noise")  # fmt: skip
@@ -73,6 +76,10 @@ def main() -> None:
     if not args.rms_range_factor >= 1:
         p.error(f"--rms-range-factor {args.rms_range_factor} must be >= 1")
     base = data_preset(args.preset)
+    if args.mask_max_fraction is not None:
+        if not 0 < args.mask_max_fraction < 1:
+            p.error(f"--mask-max-fraction {args.mask_max_fraction} must be in (0, 1)")
+        base = dataclasses.replace(base, mask_max_fraction=args.mask_max_fraction)
     data = dataclasses.replace(base, mask_probability=args.mask_probability,
                                normalize_flux=args.normalize_flux,
                                background_rms_min=base.background_rms_min / args.rms_range_factor,
