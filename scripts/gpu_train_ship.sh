@@ -14,7 +14,8 @@
 # nets (gradient for both presets, learned for euclid, and a t_start 0.6 gradient variant
 # for euclid) finetune at once for FINETUNE_S seconds (default 90) while the base models
 # are evaluated. Models go to ship/, logs and tables to runs/gpu_logs; $OUT receives
-# only the bundles base.tgz.* (the base models, split in 15 MB parts) and rest.tgz.
+# only the bundles base.tgz.* (the base models, split in 15 MB parts), nets.tgz (the
+# control nets and the logs so far) and rest.tgz (all logs).
 #
 # Options (environment):
 #     HST_CONTINUE_S=S  also continue the shipped hst gradient net (lensflow/models/
@@ -94,6 +95,8 @@ wait
 cat "$L"/ft_*.log | grep -v "^\s*$" | tail -n 8
 grep -h "^| all\|^## " "$L"/eval_*.txt
 
+# The control nets next, before the benchmarks that might run out of time.
+tar czf "$OUT/nets.tgz" --exclude='ship_hst/hst.*' ship/*-* ship_t06 ship_hst "$L"
 log "sampling benchmarks"
 bench() {  # model-json name
     timeout 90 python scripts/bench_sampling.py --model "$1" --device cuda \
@@ -104,7 +107,6 @@ bench() {  # model-json name
 for p in $PRESETS; do bench "ship/$p.json" "$p"; done
 if [ "$HST_CONTINUE_S" -gt 0 ]; then bench ship_hst/hst.json hst_continued; fi
 rm -f ship_t06/euclid.safetensors ship_t06/euclid.json
-rm -f ship_hst/hst.safetensors ship_hst/hst.json
-tar czf "$OUT/rest.tgz" ship/*-* ship_t06 ship_hst "$L" runs/*_gpu/train_state.json
+tar czf "$OUT/rest.tgz" "$L" runs/*_gpu/train_state.json
 log "done"
 ls -la "$OUT"
