@@ -338,7 +338,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         n=args.n, device=args.device, n_steps=args.n_steps,
         center_pix=tuple(args.center_pix) if args.center_pix else None,
         center_radec=tuple(args.center) if args.center else None, fallback=args.fallback,
-        normalize_flux=args.normalize_flux,
+        normalize_flux=args.normalize_flux, pad=args.pad,
     )  # fmt: skip
     corner = CORNER_PARAMS
     if args.corner_params:
@@ -738,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
                    help="re-run a lens flagged unreliable with emcee on the same likelihood, "
                    "started from the flow posterior (default: none)")  # fmt: skip
+    p.add_argument("--pad", action="store_true",
+                   help="where the model's field reaches beyond the cutout, mask the missing "
+                   "pixels instead of stopping (they count in the masked fraction)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip corner and residual figures")
     p.add_argument(
         "--corner-params",

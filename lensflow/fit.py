@@ -617,6 +617,7 @@ def fit_lenses(
     chunk: int | None = None,
     fallback: str = "none",
     normalize_flux: bool | None = None,
+    pad: bool = False,
 ) -> list[FitResult]:
     """Posteriors and diagnostics of many observed lenses, batched per model.
 
@@ -643,6 +644,9 @@ def fit_lenses(
             default: as the model was trained. Forcing it on a model trained in absolute
             units helps cutouts whose noise lies far outside its training range and
             costs some accuracy on those inside (docs/real-lenses.md, "Flux units").
+        pad: Where the model's field reaches beyond a cutout, mask the missing pixels
+            (``cutouts.cut_to_fov(use_padding=True)``) instead of raising. The masked
+            fraction enters the diagnostics like any mask.
 
     Returns:
         One ``FitResult`` per observation, in order.
@@ -680,7 +684,7 @@ def fit_lenses(
         model_id = _model_id(trained, spec)
         normalize = resolve_normalize_flux(trained, normalize_flux)
         cut = [
-            cut_to_fov(observations[i], trained.simulator,
+            cut_to_fov(observations[i], trained.simulator, use_padding=pad,
                        center_pix=_center_pix(observations[i], cpix[i], cradec[i]))
             for i in idx
         ]  # fmt: skip
@@ -771,6 +775,7 @@ def fit_lens(
     n_steps: int | None = None,
     fallback: str = "none",
     normalize_flux: bool | None = None,
+    pad: bool = False,
 ) -> FitResult:
     """Posterior and diagnostics of one observed lens (``fit_lenses`` for one lens).
 
@@ -788,6 +793,7 @@ def fit_lens(
         n_steps: ODE steps (default: the model's or the control network's).
         fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable.
         normalize_flux: Sample in normalized flux units (see ``fit_lenses``).
+        pad: Mask the part of the model's field outside the cutout instead of raising.
 
     Returns:
         The fit result.
@@ -796,7 +802,7 @@ def fit_lens(
                       centers_radec=[center_radec],
                       names=None if name is None else [name], preset=preset, model=model,
                       feedback=feedback, n=n, device=device, n_steps=n_steps,
-                      fallback=fallback, normalize_flux=normalize_flux)[0]  # fmt: skip
+                      fallback=fallback, normalize_flux=normalize_flux, pad=pad)[0]  # fmt: skip
 
 
 def summary_row(samples: PosteriorSamples) -> dict[str, Any]:

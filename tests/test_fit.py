@@ -295,6 +295,28 @@ def test_diagnostics_of_a_flux_normalized_model_do_not_depend_on_flux_units():
     assert scaled.chi2_red_median == pytest.approx(plain.chi2_red_median, rel=1e-6)
 
 
+def test_pad_masks_the_part_of_the_field_outside_a_small_cutout(tmp_path, capsys):
+    # A 60x60 cutout (6.0") for the 64x64 (6.4") euclid field, like the dolphin's 4.8" HST
+    # cutout for the 5" hst field: without --pad the fit stops with a one-line error that
+    # names the option; with it, the 2-pixel border is masked and counted.
+    path, _ = _write(tmp_path, n_pix=60)
+    out = tmp_path / "o"
+    base = ["fit", str(path), "-n", "8", "--n-steps", "4", "--feedback", "none", "--no-plots"]
+    assert main([*base, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "does not fit in the 60x60 px cutout" in err and "--pad" in err
+    assert main([*base, "--pad", "--out", str(out)]) == 0
+    result = fit_lens(load_observation(path), pad=True, **N_FAST)
+    mask = result.observation.mask
+    assert mask.shape == (64, 64)
+    assert not mask[:2].any() and not mask[-2:].any() and not mask[:, :2].any()
+    assert mask[2:-2, 2:-2].all()
+    expected = 1 - 60**2 / 64**2
+    assert result.diagnostics.masked_fraction == pytest.approx(expected, abs=1e-6)
+    torch.testing.assert_close(result.observation.image[2:-2, 2:-2],
+                               load_observation(path).image)  # fmt: skip
+
+
 def test_fit_one_call_api(tmp_path):
     path, _ = _write(tmp_path)
     samples = fit(path, n=32, feedback="none", out=tmp_path / "o", plots=False)
