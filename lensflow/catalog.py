@@ -348,6 +348,7 @@ def _fit_batch(
     device: str,
     plots: bool,
     fallback: str = "none",
+    pad: bool = False,
 ) -> list[_Outcome]:
     """Fit a batch in one ``fit_lenses`` call and render its files (the unit of work).
 
@@ -363,14 +364,14 @@ def _fit_batch(
             feedback=feedback, n=n, seeds=[t.seed for t in tasks],
             centers_pix=[t.center_pix for t in tasks],
             centers_radec=[t.center_radec for t in tasks],
-            names=[t.id for t in tasks], device=device, fallback=fallback,
+            names=[t.id for t in tasks], device=device, fallback=fallback, pad=pad,
         )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - one bad lens must not stop the catalog
         if len(tasks) == 1:
             return [_failure(tasks[0].id, err, t0)]
         half = len(tasks) // 2
         kw = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots,
-              "fallback": fallback}  # fmt: skip
+              "fallback": fallback, "pad": pad}  # fmt: skip
         return _fit_batch(tasks[:half], **kw) + _fit_batch(tasks[half:], **kw)
     share = (time.perf_counter() - t0) / len(tasks)
     outcomes = []
@@ -432,7 +433,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / "run.json"
     old = _read_json(path)
     if old is not None:
-        defaults = {"fallback": "none"}  # runs written before the setting existed
+        defaults = {"fallback": "none", "pad": False}  # runs written before these settings
         previous = {**defaults, **old.get("settings", {})}
         changed = [k for k in settings if previous.get(k) != settings[k]]
         if changed:
@@ -552,6 +553,7 @@ def run_catalog(
     plots: bool = True,
     progress: bool = True,
     fallback: str = "none",
+    pad: bool = False,
 ) -> Table:
     """Fit every lens of a catalog, resumably; write per-lens folders and a results table.
 
@@ -573,6 +575,8 @@ def run_catalog(
         fallback: ``"mcmc"`` re-runs every lens whose flow posterior is flagged unreliable
             with emcee on the same likelihood (``fit.run_fallback``); ``method`` then says
             ``emcee`` and ``fallback_converged`` whether its chain reached 50 tau.
+        pad: Mask the part of a model's field that reaches beyond a cutout instead of
+            failing the lens (``fit.fit_lenses(pad=True)``).
 
     Returns:
         The results table (also written to ``out/results.ecsv`` and ``.fits``), with
@@ -606,7 +610,8 @@ def run_catalog(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"n": n, "feedback": feedback, "seed": seed, "preset": preset,
-                "model": None if model is None else str(model), "fallback": fallback}  # fmt: skip
+                "model": None if model is None else str(model), "fallback": fallback,
+                "pad": pad}  # fmt: skip
     _check_settings(out, settings)
     base = Path(catalog.meta.get("catalog_path", "catalog")).parent
     lenses = []
@@ -627,7 +632,7 @@ def run_catalog(
                 shutil.rmtree(out / "lenses" / lens.id, ignore_errors=True)
     counts = {"ok": 0, "failed": 0}
     options = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots,
-               "fallback": fallback}  # fmt: skip
+               "fallback": fallback, "pad": pad}  # fmt: skip
     from tqdm import tqdm
 
     with tqdm(total=len(lenses), initial=len(done), unit="lens", desc="catalog",

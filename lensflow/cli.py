@@ -428,7 +428,7 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         catalog, args.out, n=args.n, feedback=args.feedback, seed=args.seed,
         preset=args.preset, model=args.model, batch_size=args.batch_size, scheduler=scheduler,
         n_workers=args.workers, device=args.device, plots=not args.no_plots,
-        progress=not args.quiet, fallback=args.fallback,
+        progress=not args.quiet, fallback=args.fallback, pad=args.pad,
     )  # fmt: skip
     m = table.meta
     ok = table["status"] == "ok"
@@ -814,6 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
                    help="re-run lenses flagged unreliable with emcee on the same likelihood, "
                    "started from the flow posterior (default: none)")  # fmt: skip
+    p.add_argument("--pad", action="store_true",
+                   help="where a model's field reaches beyond a cutout, mask the missing pixels "
+                   "instead of failing the lens (they count in the masked fraction)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="skip corner and residual figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_catalog)

@@ -126,7 +126,7 @@ def cut_to_fov(
             f"{where}: a {n}x{n} px field at {scale:.4g} arcsec/px ({n * scale:.3g} arcsec) "
             f"centred on pixel (x, y) = ({cx:.1f}, {cy:.1f}) does not fit in the {h}x{w} px "
             f"cutout ({h * s_in:.3g} x {w * s_in:.3g} arcsec); pass another centre, a larger "
-            "cutout or another preset, or mask the missing pixels (lensflow fit --pad)"
+            "cutout or another preset, or mask the missing pixels (--pad)"
         )
     if step < 1 - SCALE_TOLERANCE:
         warnings.warn(

@@ -156,6 +156,24 @@ BAD_ROWS = {  # id: (file, extra cells, expected reason)
 }  # fmt: skip
 
 
+def test_run_catalog_pad_fits_a_cutout_smaller_than_the_field(tmp_path, one_thread):
+    # A 60x60 crop of a demo lens for the 64x64 euclid field: failed without pad (the
+    # "small" row below), fitted with pad, its 2-pixel border masked and counted.
+    path = _demo_rows(tmp_path, ["demo_00"])
+    _write_variant(tmp_path / "demo" / "demo_00.fits", tmp_path / "crop.fits", crop=60)
+    cat = Table.read(path)
+    cat["image"][0] = "crop.fits"
+    for c in ("noise", "psf"):
+        if c in cat.colnames:
+            cat[c][0] = "crop.fits"
+    cat.write(path, overwrite=True)
+    res = run_catalog(path, tmp_path / "out", n=20, plots=False, progress=False, pad=True)
+    assert list(res["status"]) == ["ok"]
+    assert res["masked_fraction"][0] == pytest.approx(1 - 60**2 / 64**2, abs=1e-6)
+    with pytest.raises(ValueError, match="pad=True"):  # resuming needs the same settings
+        run_catalog(path, tmp_path / "out", n=20, plots=False, progress=False)
+
+
 @pytest.mark.filterwarnings("ignore:.*pixel_scale_arcsec=0.5 overrides:UserWarning")
 def test_run_catalog_records_bad_rows_and_keeps_going(tmp_path, one_thread):
     path = _demo_rows(tmp_path, ["demo_00", "demo_01"])
