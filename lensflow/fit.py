@@ -106,6 +106,8 @@ RELIABILITY: dict[str, float] = {
     "residual_coherence_max": 2.0,  # spatially coherent residual structure
     "range_tolerance": 0.15,  # PSF / noise / masked fraction may exceed the training range
     "prior_tolerance": 0.05,  # posterior medians may leave the prior box by this fraction
+    "edge_band": 0.002,  # a prior edge's band, as a fraction of the prior's (log-)width
+    "edge_mass_max": 0.9,  # fraction of samples allowed in one edge band
 }
 
 
@@ -148,6 +150,48 @@ def outside_prior(
             lo, hi, v = math.log(lo), math.log(hi), math.log(v)
         pad = tolerance * (hi - lo)
         if not lo - pad <= v <= hi + pad:
+            names.append(spec.name)
+    return names
+
+
+def at_prior_edge(
+    theta: Tensor,
+    band: float = RELIABILITY["edge_band"],
+    mass: float = RELIABILITY["edge_mass_max"],
+) -> list[str]:
+    """Registry names whose posterior samples pile up at an edge of the default prior.
+
+    A sampler confined to the prior box (the MCMC fallback) cannot follow data that want a
+    value outside it: its samples then crowd against the box's edge, with a median just
+    inside, which :func:`outside_prior` does not see. This check does.
+
+    Args:
+        theta: Posterior samples, shape ``(N, 21)``, physical units (``params.NAMES``).
+        band: Width of the band at each edge, as a fraction of the prior's width (of its
+            log-width for log-uniform parameters).
+        mass: A parameter is reported when more than this fraction of its samples lie in
+            one edge band.
+
+    Returns:
+        The names, in registry order (empty when no samples crowd an edge).
+
+    Example:
+        >>> from lensflow.prior import Prior
+        >>> theta = Prior().sample((100,), generator=torch.Generator().manual_seed(0))
+        >>> theta[:, 14] = 5.0  # lens_light_amp, prior 5-500 (log-uniform): all at 5
+        >>> at_prior_edge(theta)
+        ['lens_light_amp']
+    """
+    names = []
+    for j, spec in enumerate(REGISTRY):
+        lo, hi, v = spec.prior_low, spec.prior_high, theta[:, j].double()
+        if spec.prior == "loguniform":
+            lo, hi, v = math.log(lo), math.log(hi), v.clamp_min(1e-300).log()
+        width = band * (hi - lo)
+        near = max(
+            float((v <= lo + width).double().mean()), float((v >= hi - width).double().mean())
+        )
+        if near > mass:
             names.append(spec.name)
     return names
 
@@ -574,6 +618,10 @@ def diagnose(
     outside = outside_prior(scale_flux(median, k), flux_widening=widening)
     if outside:
         reasons.append(f"posterior outside the training prior ({', '.join(outside)})")
+    edge = [n for n in at_prior_edge(scale_flux(theta, k)) if n not in outside]
+    if edge:
+        reasons.append(f"posterior piled at the edge of the prior ({', '.join(edge)}): the "
+                       "data want values the prior excludes")  # fmt: skip
     diag = Diagnostics(
         chi2_red_median=float(chi2[0]),
         chi2_red_samples=chi2_samples,

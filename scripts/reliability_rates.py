@@ -38,7 +38,7 @@ from lensflow.simulator import LensSimulator, NoiseModel, gaussian_psf
 
 CONDITIONS = ("good", "wrong_psf", "wrong_pixel_scale", "outside_prior", "large_mask")
 REASONS = {"fit poorly": "chi2", "structured": "coherence", "PSF FWHM": "psf", "noise": "noise",
-           "training prior": "prior", "masked fraction": "mask"}  # fmt: skip
+           "training prior": "prior", "masked fraction": "mask", "edge of the prior": "edge"}  # fmt: skip
 
 
 def _lenses(preset: str, n: int, seed: int, condition: str) -> list[Observation]:
@@ -131,16 +131,17 @@ def main() -> None:
     print(f"preset {args.preset}, {args.n_lenses} lenses per condition, {args.n_samples} samples, "
           f"feedback {args.feedback}")  # fmt: skip
     print("| condition | flagged | chi2 | coherence | PSF range | noise range | prior | mask | "
-          "median chi2_red of samples [10%, 90%] | median coherence | feedback |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "prior edge | median chi2_red of samples [10%, 90%] | median coherence | feedback |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['condition']} | error: {r['error']} |||||||||")
+            print(f"| {r['condition']} | error: {r['error']} ||||||||||")
             continue
         b = r["by_reason"]
         lo, hi = r["chi2_red_samples_p10_p90"]
         print(f"| {r['condition']} | {r['flagged']:.2f} | {b['chi2']:.2f} | {b['coherence']:.2f} "
               f"| {b['psf']:.2f} | {b['noise']:.2f} | {b['prior']:.2f} | {b['mask']:.2f} "
+              f"| {b['edge']:.2f} "
               f"| {r['chi2_red_samples_median']:.3g} [{lo:.3g}, {hi:.3g}] "
               f"| {r['residual_coherence_median']:.2f} | {r['feedback']} |")  # fmt: skip
     if args.json:

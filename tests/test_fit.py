@@ -271,6 +271,28 @@ def test_diagnostics_flag_posteriors_outside_the_training_prior():
     assert not bad.reliable and "outside the training prior (lens_theta_e)" in bad.reason
 
 
+def test_diagnostics_flag_samples_piled_at_a_prior_edge():
+    # The MCMC fallback samples inside the prior box; where the data want a value outside
+    # it (NEG5700's lens light, docs/real-lenses.md) its samples crowd against the edge
+    # with a median just inside, which outside_prior does not see.
+    from lensflow.fit import at_prior_edge
+    from lensflow.prior import Prior
+
+    prior = Prior(dtype=torch.float64)
+    draws = prior.sample((2000,), generator=torch.Generator().manual_seed(1))
+    assert at_prior_edge(draws) == []  # 0.2% of a flat prior lies in each band
+    amp = NAMES.index("lens_light_amp")  # log-uniform 5-500: the 0.2% band is 5-5.046
+    for frac, flagged in ((0.85, False), (0.95, True)):
+        theta = draws[:100].clone()
+        theta[: int(100 * frac), amp] = 5.02
+        assert (at_prior_edge(theta) == ["lens_light_amp"]) == flagged, frac
+    image, sigma, psf, truth, _ = _mock(seed=4)
+    piled = truth.clone()
+    piled[NAMES.index("lens_light_r_sersic")] = 0.3  # the prior's lower edge
+    diag = _diagnose(image, sigma, psf, piled)
+    assert "piled at the edge of the prior (lens_light_r_sersic)" in diag.reason
+
+
 def test_diagnostics_of_a_flux_normalized_model_do_not_depend_on_flux_units():
     from lensflow.params import FLUX_NAMES
 
