@@ -26,6 +26,9 @@ Diagnostics (``Diagnostics``; thresholds in ``RELIABILITY``, measured in docs/fi
   trained on: a median beyond it (by more than ``prior_tolerance`` of the prior's width,
   in log space for log-uniform parameters) means the network extrapolated, as on real
   cutouts whose flux scale the prior does not cover (docs/real-lenses.md).
+* the samples against the prior's edges (``at_prior_edge``): nearly all of a parameter's
+  samples pressed against one edge mean a sampler held by the prior box (the MCMC
+  fallback on real cutouts whose lens light the prior does not cover).
 """
 
 from __future__ import annotations
