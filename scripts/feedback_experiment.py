@@ -63,6 +63,7 @@ from lensflow.feedback import (
     tensor_batches,
 )
 from lensflow.metrics import interval_coverage
+from lensflow.params import NAMES
 
 
 def sample_chi2(
@@ -157,6 +158,9 @@ def evaluate(args: argparse.Namespace) -> None:
             else (signal_calls_per_sample(n_steps, solver, feedback.t_start))
         )
         r = score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, args.chunk)
+        if args.per_lens:  # each lens's mean reduced chi^2 over its samples, in lens order
+            lens_chi2 = torch.nan_to_num(sample_chi2(cost, u, obs, args.chunk), nan=float("inf"))
+            r["per_lens_chi2_mean"] = lens_chi2.mean(0).tolist()
         u_err = (u.mean(0) - transform.to_u(truth)).abs().median(0).values  # (D,)
         chi2_exact = torch.nan_to_num(sample_chi2(exact, u, obs_exact, args.chunk),
                                       nan=float("inf"))  # fmt: skip
@@ -213,12 +217,19 @@ def evaluate(args: argparse.Namespace) -> None:
               f"{r['coverage95']:.3f} | {r['s_per_lens']:.2f} | "
               f"{r['simulator_calls_per_sample']} |")  # fmt: skip
     if args.json:
+        record = {"args": vars(args), "truth": truths, "masks": masks, "results": results}
+        if args.per_lens:  # what each lens is: truth, seeing, depth, mask, truth's chi^2
+            record["lenses"] = {
+                "theta": truth.tolist(),
+                "names": list(NAMES),
+                "psf_fwhm_arcsec": test.psf_fwhm_arcsec.tolist(),
+                "background_rms": test.background_rms.tolist(),
+                "exposure_time_s": test.exposure_time_s.tolist(),
+                "masked_fraction": masked.tolist(),
+                "chi2_truth": chi2_truth.tolist(),
+            }
         with open(args.json, "w") as f:
-            json.dump(
-                {"args": vars(args), "truth": truths, "masks": masks, "results": results},
-                f,
-                indent=1,
-            )
+            json.dump(record, f, indent=1)
 
 
 def main() -> None:
@@ -259,6 +270,9 @@ def main() -> None:
         help="--evaluate: bound on a mask's masked fraction (data.random_masks; default: the "
         "model's training setting)",
     )  # fmt: skip
+    p.add_argument("--per-lens", action="store_true",
+                   help="--evaluate: also write each lens's mean chi^2 per variant and what "
+                   "the lens is (truth, PSF, depth, mask) to --json")  # fmt: skip
     p.add_argument("--normalize-flux", action="store_true",
                    help="--evaluate: sample in the model's flux units "
                    "(sampling.sample_posteriors(normalize_flux=True))")  # fmt: skip
