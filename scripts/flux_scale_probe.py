@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,9 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_lenses_posterior as real
 
 from lensflow.checkpoint import load_model
-from lensflow.cutouts import cut_to_fov
 from lensflow.data import flux_factor, noise_scale
-from lensflow.observation import load_observation
 from lensflow.params import FLUX_NAMES, index, scale_flux
 from lensflow.sampling import sample_posterior
 
@@ -56,13 +53,7 @@ def main() -> None:
             print(f"skipped {label}: {path} not found", file=sys.stderr)
             continue
         model = load_model(preset)
-        kw = {k: (str(args.root / v) if k in ("noise", "psf", "mask") else v)
-              for k, v in kwargs.items()}  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obs = load_observation(str(path), **kw)
-            fov = model.simulator.n_pix * model.simulator.pixel_scale_arcsec
-            cut = cut_to_fov(obs, model.simulator, use_padding=min(obs.fov_arcsec) < fov - 1e-6)
+        _, cut, _ = real.load_cut(args.root, image, kwargs, model.simulator)
         runs = [(s, False) for s in SCALES] + [(1.0, True)]
         for s, normalize in runs:
             scaled = cut.scaled(s)

@@ -18,17 +18,14 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_lenses_posterior import ROOT, SYSTEMS
+from real_lenses_posterior import ROOT, find_system, load_cut
 
 from lensflow.checkpoint import load_model
-from lensflow.cutouts import cut_to_fov
-from lensflow.observation import load_observation
 from lensflow.params import NAMES
 from lensflow.sampling import sample_posterior
 from lensflow.simulator import LensSimulator, chi2
@@ -77,20 +74,11 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    match = [s for s in SYSTEMS if args.system in s[0]]
-    if len(match) != 1:
-        p.error(f"--system {args.system!r} matches {len(match)} systems; be more specific")
-    label, image, kwargs, preset, ref, _note = match[0]
+    label, image, kwargs, preset, ref, _note = find_system(p, args.system)
     if not (args.root / image).exists():
         p.error(f"{args.root / image} not found (../shared/data/real_lenses is needed)")
     model = load_model(preset)
-    kw = {k: (str(args.root / v) if k in ("noise", "psf", "mask") else v)
-          for k, v in kwargs.items()}  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        obs = load_observation(str(args.root / image), **kw)
-        fov = model.simulator.n_pix * model.simulator.pixel_scale_arcsec
-        cut = cut_to_fov(obs, model.simulator, use_padding=min(obs.fov_arcsec) < fov - 1e-6)
+    _, cut, _ = load_cut(args.root, image, kwargs, model.simulator)
     sim = LensSimulator(model.simulator, psf_kernel=cut.psf.double(), dtype=torch.float64)
     n_used = int(cut.mask.sum())
     x, sigma, mask = cut.image.double(), cut.sigma.double(), cut.mask

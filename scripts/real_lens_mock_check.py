@@ -19,18 +19,15 @@ import argparse
 import dataclasses
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_lenses_posterior import ROOT, SYSTEMS
+from real_lenses_posterior import ROOT, find_system, load_cut
 
 from lensflow.checkpoint import load_model
-from lensflow.cutouts import cut_to_fov
 from lensflow.data import conditioning_fwhm_arcsec
-from lensflow.observation import load_observation
 from lensflow.params import NAMES
 from lensflow.sampling import sample_posterior
 from lensflow.simulator import LensSimulator, fine_psf, pool_psf
@@ -48,21 +45,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=3, help="noise seed of the mocks")
     args = p.parse_args()
     torch.set_num_threads(1)
-    match = [s for s in SYSTEMS if args.system in s[0]]
-    if len(match) != 1:
-        p.error(f"--system {args.system!r} matches {len(match)} systems; be more specific")
-    label, image, kwargs, preset, ref, _note = match[0]
+    label, image, kwargs, preset, ref, _note = find_system(p, args.system)
     rows = json.loads(args.profile.read_text())["rows"]
     best = next(r for r in rows if not r["fixed"])["theta"]
     theta = torch.tensor([best[n] for n in NAMES], dtype=torch.float64)
     model = load_model(args.model or preset)
-    kw = {k: (str(args.root / v) if k in ("noise", "psf", "mask") else v)
-          for k, v in kwargs.items()}  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        obs = load_observation(str(args.root / image), **kw)
-    fov = model.simulator.n_pix * model.simulator.pixel_scale_arcsec
-    cut = cut_to_fov(obs, model.simulator, use_padding=min(obs.fov_arcsec) < fov - 1e-6)
+    _, cut, _ = load_cut(args.root, image, kwargs, model.simulator)
     g = torch.Generator().manual_seed(args.seed)
     own = LensSimulator(model.simulator, psf_kernel=cut.psf.double(), dtype=torch.float64)
     fwhm = conditioning_fwhm_arcsec(cut, model.simulator.upsample_factor)

@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from lensflow.checkpoint import CheckpointError, TrainedPosterior, load_model
+from lensflow.config import SimulatorConfig
 from lensflow.cutouts import cut_to_fov
-from lensflow.observation import ObservationError, load_observation
+from lensflow.observation import Observation, ObservationError, load_observation
 from lensflow.sampling import sample_posterior
 from lensflow.simulator import LensSimulator, chi2
 
@@ -78,6 +79,34 @@ SYSTEMS: list[tuple[str, str, dict[str, Any], str, float | None, str]] = [
 ]  # fmt: skip
 
 
+def find_system(parser: argparse.ArgumentParser, text: str) -> tuple:
+    """The one ``SYSTEMS`` entry whose label contains ``text`` (a parser error otherwise)."""
+    match = [s for s in SYSTEMS if text in s[0]]
+    if len(match) != 1:
+        parser.error(f"--system {text!r} matches {len(match)} systems; be more specific")
+    return match[0]
+
+
+def load_cut(
+    root: Path, image: str, kwargs: dict[str, Any], config: SimulatorConfig
+) -> tuple[Observation, Observation, bool]:
+    """Read a system's cutout as ``SYSTEMS`` describes it and cut it to a model's field.
+
+    The field is centred on the cutout centre; where the cutout is smaller than the field,
+    the missing pixels are masked (``use_padding``).
+
+    Returns:
+        The observation as read, the cut observation, and whether it was padded.
+    """
+    kw = {k: (str(root / v) if k in ("noise", "psf", "mask") else v) for k, v in kwargs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obs = load_observation(str(root / image), **kw)
+        padded = min(obs.fov_arcsec) < config.n_pix * config.pixel_scale_arcsec - 1e-6
+        cut = cut_to_fov(obs, config, use_padding=padded)
+    return obs, cut, padded
+
+
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label).strip("_")
 
@@ -93,16 +122,8 @@ def run_one(
     args: argparse.Namespace,
 ) -> dict[str, Any]:  # fmt: skip
     """Posterior, reduced chi^2 and figure of one system; the row of the results."""
-    kw = {
-        k: (str(args.root / v) if k in ("noise", "psf", "mask") else v) for k, v in kwargs.items()
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        obs = load_observation(str(args.root / image), **kw)
-        sim_cfg = model.simulator
-        fov = sim_cfg.n_pix * sim_cfg.pixel_scale_arcsec
-        padded = min(obs.fov_arcsec) < fov - 1e-6
-        cut = cut_to_fov(obs, sim_cfg, use_padding=padded)
+    sim_cfg = model.simulator
+    obs, cut, padded = load_cut(args.root, image, kwargs, sim_cfg)
     start = time.perf_counter()
     post = sample_posterior(cut, model, args.n, feedback=args.feedback, seed=args.seed,
                             n_steps=args.n_steps, normalize_flux=args.normalize_flux)  # fmt: skip
