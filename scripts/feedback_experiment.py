@@ -80,10 +80,13 @@ def sample_chi2(
     return torch.cat(out).reshape(m, n)
 
 
-def score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, chunk) -> dict:
-    """Metrics of one variant's samples ``theta``/``u`` ``(M, N, D)``."""
+def score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, chunk,
+          per_lens: bool = False) -> dict:  # fmt: skip
+    """Metrics of one variant's samples ``theta``/``u`` ``(M, N, D)``; with ``per_lens``, also
+    each lens's mean reduced chi^2 over its samples, in lens order."""
     chi2 = sample_chi2(cost, u, obs, chunk)
     chi2 = torch.nan_to_num(chi2, nan=float("inf"))
+    extra = {"per_lens_chi2_mean": chi2.mean(0).tolist()} if per_lens else {}
     cov = interval_coverage(theta, truth, levels=(0.68, 0.95)).coverage.mean(dim=1)
     mean = theta.mean(0)
     rel = ((mean[:, 0] - truth[:, 0]).abs() / truth[:, 0]).median()
@@ -100,6 +103,7 @@ def score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, chunk) -
         "sampling_s": seconds,
         "s_per_lens": seconds / n_lenses,
         "simulator_calls_per_sample": calls,
+        **extra,
     }
 
 
@@ -157,10 +161,8 @@ def evaluate(args: argparse.Namespace) -> None:
             # zeros: no simulator
             else (signal_calls_per_sample(n_steps, solver, feedback.t_start))
         )
-        r = score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, args.chunk)
-        if args.per_lens:  # each lens's mean reduced chi^2 over its samples, in lens order
-            lens_chi2 = torch.nan_to_num(sample_chi2(cost, u, obs, args.chunk), nan=float("inf"))
-            r["per_lens_chi2_mean"] = lens_chi2.mean(0).tolist()
+        r = score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, args.chunk,
+                  per_lens=args.per_lens)  # fmt: skip
         u_err = (u.mean(0) - transform.to_u(truth)).abs().median(0).values  # (D,)
         chi2_exact = torch.nan_to_num(sample_chi2(exact, u, obs_exact, args.chunk),
                                       nan=float("inf"))  # fmt: skip
