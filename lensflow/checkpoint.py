@@ -406,7 +406,11 @@ class TrainedControl:
         solver: Default solver name.
         meta: The JSON sidecar.
         path: The JSON sidecar's path.
-        chunk_size: Rows per simulator call when sampling (bounds memory).
+        chunk_size: Rows per signal evaluation when sampling; ``None``: 1,024 on the CPU,
+            all rows on a GPU (a GPU needs large calls to keep busy; the gradient signal
+            still splits them by the memory bound, ``GaussianCost.max_rows``).
+        control_steps: Default solver steps on ``[t_start, 1]`` (``None``: the share of
+            ``n_steps``; see ``feedback.sample_feedback``).
     """
 
     kind: str
@@ -418,7 +422,8 @@ class TrainedControl:
     solver: str
     meta: dict[str, Any]
     path: Path | None = None
-    chunk_size: int = 1024
+    chunk_size: int | None = None
+    control_steps: int | None = None
 
     @property
     def n_parameters(self) -> int:
@@ -427,7 +432,7 @@ class TrainedControl:
         return sum(p.numel() for m in mods for p in m.parameters())
 
     def posterior(
-        self, observations: Sequence[Observation]
+        self, observations: Sequence[Observation], *, compile: bool = False
     ) -> tuple[ControlledPosterior, ObservedData]:
         """The controlled posterior for these observations, and their data rows.
 
@@ -437,6 +442,8 @@ class TrainedControl:
         Args:
             observations: Observations cut to the model's field of view
                 (``cutouts.cut_to_fov``), in the model's dtype and device.
+            compile: Run the feedback simulator through ``torch.compile``
+                (``feedback.lens_cost``).
 
         Returns:
             The controlled posterior (sharing the base flow and control net, eval mode) and
@@ -444,13 +451,17 @@ class TrainedControl:
             input.
         """
         base = self.model.posterior
-        cost, data = lens_cost(observations, self.model.simulator, base.transform)
+        cost, data = lens_cost(observations, self.model.simulator, base.transform,
+                               compile=compile)  # fmt: skip
         signal = make_signal(self.kind, cost, base.field.dim, encoder=self.meta.get("encoder"))
         if self.encoder is not None:
             signal.encoder = self.encoder  # the trained one
+        chunk = self.chunk_size
+        if chunk is None and next(base.parameters()).device.type == "cpu":
+            chunk = 1024
         controlled = ControlledPosterior(
             base, self.control, signal, t_start=self.t_start, n_steps=self.n_steps,
-            solver=self.solver, chunk_size=self.chunk_size,
+            solver=self.solver, chunk_size=chunk, control_steps=self.control_steps,
         )  # fmt: skip
         return controlled.eval(), data
 
@@ -567,4 +578,5 @@ def load_control(name_or_path: str | Path, model: TrainedPosterior) -> TrainedCo
     return TrainedControl(
         meta["signal_kind"], control, encoder, model, float(meta["t_start"]),
         int(meta["n_steps"]), str(meta["solver"]), meta, path,
+        control_steps=meta.get("control_steps"),  # absent before 2026-11-26: the share
     )  # fmt: skip

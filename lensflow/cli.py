@@ -506,6 +506,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     changes = {} if args.methods is None else {"methods": bench.parse_methods(args.methods)}
     if args.n_lenses is not None:
         changes["n_lenses"] = args.n_lenses
+    if args.set is not None:
+        changes |= bench.parse_overrides(args.set)
     wanted = None
     if args.lenses is not None:
         wanted = [w.strip() for w in args.lenses.split(",") if w.strip()]
@@ -543,6 +545,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
              str(cfg.n_lenses), "--seed", str(args.seed), "--threads", str(args.threads),
              "--device", args.device, "--out", str(out)]  # fmt: skip
     parts += ["--lenses", ",".join(lens.name for lens in lenses)] if wanted else []
+    overrides = bench.config_overrides(cfg)
+    parts += ["--set", ",".join(f"{k}={v}" for k, v in overrides.items())] if overrides else []
     parts += ["--resume"] if args.resume else []
     for flag, value in (("--model", args.model if args.model != "euclid" else None),
                         ("--catalog", args.catalog), ("--truths", args.truths),
@@ -838,6 +842,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subset of flow, flow+feedback, emcee, nuts, lenstronomy "
                    "(default: the config's)")  # fmt: skip
     p.add_argument("--n-lenses", type=int, metavar="K", help="first K demo lenses")
+    p.add_argument("--set", metavar="FIELD=N,...",
+                   help="change the config's sizes, e.g. emcee_burn=2000,emcee_steps=25000,"
+                   "lt_steps=300 (the fields of lensflow.baselines.bench.BenchConfig); "
+                   "recorded in the outputs, and --resume reuses only runs with the same "
+                   "changes")  # fmt: skip
     p.add_argument("--lenses", metavar="ID1,ID2,...",
                    help="only these lenses (demo ids, or real folder names with --real); each "
                    "keeps the seed it has in the full run")  # fmt: skip

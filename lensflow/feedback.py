@@ -72,6 +72,7 @@ __all__ = [
     "FinetuneConfig",
     "GaussianCost",
     "GradientSignal",
+    "LensRenderer",
     "ObservedData",
     "ResidualSignal",
     "RowData",
@@ -160,7 +161,9 @@ class GaussianCost:
 
     Args:
         forward: Differentiable forward model ``theta (B, D) -> data (B, *S)`` (noiseless), or
-            a sequence of them selected per row by ``obs.key``.
+            a sequence of them selected per row by ``obs.key``, or one that takes the keys
+            itself (``forward(theta, key)``, marked by ``forward.takes_key = True``, e.g.
+            ``LensRenderer``).
         transform: Physical <-> standardized parameters (identity by default).
         max_rows: Rows per differentiated evaluation (``GradientSignal`` splits larger
             batches), bounding the memory autograd keeps for the backward pass; ``None``:
@@ -184,6 +187,8 @@ class GaussianCost:
         self.max_rows = max_rows
 
     def _simulate(self, theta: Tensor, key: Tensor | None) -> Tensor:
+        if getattr(self.forward, "takes_key", False):
+            return self.forward(theta, key)
         if callable(self.forward):
             return self.forward(theta)
         if key is None:
@@ -251,6 +256,75 @@ def gradient_memory_bytes(device: torch.device | str) -> int:
 GRADIENT_BYTES_PER_FINE_PIXEL = 400
 
 
+class LensRenderer:
+    """Images of rows from different observations, one simulator call per pixel grid.
+
+    Rows whose observations share a pixel grid but not a PSF go through one simulator that
+    takes the PSF per row (``LensSimulator(psf_per_row=True)``): a batch of lenses is then
+    one call, not one per PSF (small calls leave a GPU idle, docs/benchmarks.md).
+
+    Args:
+        simulators: One simulator (or compiled simulator) per pixel grid.
+        psfs: Per grid, the fine kernels ``(P, K, K)`` of its per-row simulator, or ``None``
+            for a simulator with its PSF built in.
+        grid: Long tensor ``(M,)``: the grid of each key.
+        slot: Long tensor ``(M,)``: the kernel of each key within its grid's ``psfs``.
+    """
+
+    takes_key = True
+
+    def __init__(
+        self, simulators: Sequence[Callable[..., Tensor]], psfs: Sequence[Tensor | None],
+        grid: Tensor, slot: Tensor,
+    ) -> None:  # fmt: skip
+        self.simulators = list(simulators)
+        self.psfs = list(psfs)
+        self.grid = grid
+        self.slot = slot
+
+    def _render(self, g: int, theta: Tensor, slots: Tensor) -> Tensor:
+        psfs = self.psfs[g]
+        if psfs is None:
+            return self.simulators[g](theta)
+        return self.simulators[g](theta, psf=psfs[slots])
+
+    def __call__(self, theta: Tensor, key: Tensor | None) -> Tensor:
+        """Images ``(B, H, W)`` for ``theta`` ``(B, D)``; ``key`` ``(B,)`` picks grid and PSF."""
+        if key is None:
+            raise ValueError("LensRenderer needs ObservedData.key per row")
+        grid, slot = self.grid[key], self.slot[key]
+        if len(self.simulators) == 1:
+            return self._render(0, theta, slot)
+        order = torch.argsort(grid, stable=True)
+        groups = torch.unique_consecutive(grid[order], return_counts=True)
+        parts, start = [], 0
+        for g, count in zip(*groups, strict=True):
+            rows = order[start : start + int(count)]
+            parts.append(self._render(int(g), theta[rows], slot[rows]))
+            start += int(count)
+        return torch.cat(parts)[torch.argsort(order)]
+
+
+#: Compiled per-row-PSF simulators, reused across ``lens_cost`` calls so that each grid and
+#: kernel side is compiled once per process (a fresh module would be compiled again).
+_COMPILED: dict[tuple, Callable[..., Tensor]] = {}
+_COMPILED_MAX = 8
+
+
+def _compiled_simulator(
+    config: SimulatorConfig, side: int, dtype: torch.dtype, device: torch.device
+) -> Callable[..., Tensor]:
+    from lensflow.simulator import LensSimulator
+
+    key = (config, side, dtype, str(device))
+    if key not in _COMPILED:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        sim = LensSimulator(config, dtype=dtype, device=device, psf_per_row=True, psf_side=side)
+        _COMPILED[key] = torch.compile(sim)
+    return _COMPILED[key]
+
+
 def lens_cost(
     observations: Observation | Sequence[Observation],
     config: SimulatorConfig,
@@ -258,69 +332,95 @@ def lens_cost(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    compile: bool = False,
 ) -> tuple[GaussianCost, ObservedData]:
     """The lens feedback cost, with simulators built from the observations themselves.
 
-    Each observation gets a ``LensSimulator`` on its own pixel grid (``n_pix`` and
+    Each observation is simulated on its own pixel grid (``n_pix`` and
     ``pixel_scale_arcsec`` from the observation) with its own PSF kernel; the other settings
-    (supersampling) come from ``config``. Observations sharing grid and PSF share one
-    simulator. The data rows carry the image, noise map and likelihood mask.
+    (supersampling) come from ``config``. Observations sharing a grid share one simulator
+    and one call (``LensRenderer``; with different PSFs, the kernels go in per row). The
+    data rows carry the image, noise map and likelihood mask.
 
     Args:
         observations: One or more observations, square images.
         config: Simulator settings for everything the observation does not fix.
-        transform: Physical <-> standardized parameters of the flow (identity by default;
-            lenses use ``params.UnconstrainedTransform()``).
+        transform: Physical <-> standardized parameters of the flow (identity by default).
+            Lenses use ``params.UnconstrainedTransform()``.
         dtype: Simulation dtype (default: the observations' dtype).
         device: Simulation device (default: the observations' device).
+        compile: Run the simulator through ``torch.compile`` (per-row PSF simulators,
+            compiled once per grid and kernel side in this process and reused). The first
+            call compiles (tens of seconds); it pays where many simulator calls follow.
 
     Returns:
         The cost (reduced chi^2 over unmasked pixels) and the observed data, one row per
         observation in the given order.
     """
-    from lensflow.simulator import LensSimulator  # lens physics only when asked for
+    from lensflow.simulator import LensSimulator, fine_psf, pad_psf
 
     obs_list = [observations] if not isinstance(observations, Sequence) else list(observations)
     if not obs_list:
         raise ValueError("lens_cost needs at least one observation")
     dtype = dtype or obs_list[0].image.dtype
     device = torch.device(device) if device is not None else obs_list[0].image.device
-    sims: list[LensSimulator] = []
-    seen: list[Observation] = []
+    grids: list[tuple[tuple[int, int], float]] = []
+    kernels: list[list[Tensor]] = []
+    pairs: list[tuple[int, int]] = []
     keys = []
     for obs in obs_list:
         h, w = obs.shape
         if h != w:
             raise ValueError(f"{obs.name or 'observation'}: image {h}x{w} is not square")
-        match = next(
-            (
-                i
-                for i, o in enumerate(seen)
-                if o.shape == obs.shape
-                and o.pixel_scale_arcsec == obs.pixel_scale_arcsec
-                and o.psf.shape == obs.psf.shape
-                and bool(torch.equal(o.psf, obs.psf))
-            ),
+        grid = (obs.shape, obs.pixel_scale_arcsec)
+        if grid not in grids:
+            grids.append(grid)
+            kernels.append([])
+        g = grids.index(grid)
+        slot = next(
+            (i for i, k in enumerate(kernels[g])
+             if k.shape == obs.psf.shape and bool(torch.equal(k, obs.psf))),
             None,
-        )
-        if match is None:
-            cfg = dataclasses.replace(config, n_pix=h, pixel_scale_arcsec=obs.pixel_scale_arcsec)
-            sims.append(LensSimulator(cfg, psf_kernel=obs.psf, dtype=dtype, device=device))
-            seen.append(obs)
-            match = len(seen) - 1
-        keys.append(match)
+        )  # fmt: skip
+        if slot is None:
+            kernels[g].append(obs.psf)
+            slot = len(kernels[g]) - 1
+        if (g, slot) not in pairs:
+            pairs.append((g, slot))
+        keys.append(pairs.index((g, slot)))
+    sims, stacks, sides = [], [], []
+    for ((n_pix, _), scale), psfs in zip(grids, kernels, strict=True):
+        cfg = dataclasses.replace(config, n_pix=n_pix, pixel_scale_arcsec=scale)
+        if len(psfs) == 1 and not compile:
+            sim = LensSimulator(cfg, psf_kernel=psfs[0], dtype=dtype, device=device)
+            sims.append(sim)
+            stacks.append(None)
+            sides.append(sim.fine_grid_side)
+            continue
+        fine = [fine_psf(cfg, k) for k in psfs]
+        side = max(f.shape[-1] for f in fine)
+        if compile:
+            sims.append(_compiled_simulator(cfg, side, dtype, device))
+        else:
+            sims.append(LensSimulator(cfg, dtype=dtype, device=device, psf_per_row=True,
+                                      psf_side=side))  # fmt: skip
+        stacks.append(torch.stack([pad_psf(f, side) for f in fine]).to(device, dtype))
+        sides.append(n_pix * cfg.upsample_factor + side - 1)
     data = ObservedData(
         x=torch.stack([o.image for o in obs_list]).to(device, dtype),
         sigma=torch.stack([o.sigma for o in obs_list]).to(device, dtype),
         mask=torch.stack([o.mask for o in obs_list]).to(device),
         key=torch.tensor(keys, dtype=torch.long, device=device),
     )
-    forward = sims[0] if len(sims) == 1 else sims
+    if len(sims) == 1 and stacks[0] is None:
+        forward: Callable[..., Tensor] = sims[0]
+    else:
+        index = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
+        forward = LensRenderer(sims, stacks, index[:, 0], index[:, 1])
     # Memory of one differentiated image: about GRADIENT_BYTES_PER_FINE_PIXEL per float32
     # pixel of the PSF-padded supersampled grid (measured 245-346; 64 rows of a 100 x 100
     # image with a 61 x 61 PSF kernel keep 1.5 GB for the backward pass).
-    n_fine = max(s.fine_grid_side for s in sims)
-    per_row = n_fine**2 * GRADIENT_BYTES_PER_FINE_PIXEL * torch.finfo(dtype).bits // 32
+    per_row = max(sides) ** 2 * GRADIENT_BYTES_PER_FINE_PIXEL * torch.finfo(dtype).bits // 32
     max_rows = max(1, gradient_memory_bytes(device) // per_row)
     return GaussianCost(forward, transform, max_rows=max_rows), data
 
@@ -542,12 +642,17 @@ class ControlledPosterior(nn.Module):
         n_steps: Default solver steps over ``[0, 1]`` (the paper: 200).
         solver: Default solver name (the paper: ``euler``).
         chunk_size: Rows per signal evaluation (bounds simulator memory); ``None``: all.
+        control_steps: Default solver steps on ``[t_start, 1]`` (each costs a signal call
+            per sample); ``None``: the share ``round((1 - t_start) n_steps)`` of
+            ``n_steps``. The steps on ``[0, t_start]`` are ``n_steps`` minus that share in
+            either case, so a smaller ``control_steps`` makes feedback cheaper without
+            coarsening the base flow's integration.
     """
 
     def __init__(
         self, base: FlowPosterior, control: ControlNet, signal: ControlSignal, *,
         t_start: float = 0.8, n_steps: int = 200, solver: str = "euler",
-        chunk_size: int | None = 4096,
+        chunk_size: int | None = 4096, control_steps: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         if not 0.0 <= t_start < 1.0:
@@ -564,6 +669,7 @@ class ControlledPosterior(nn.Module):
         self.n_steps = n_steps
         self.solver = solver
         self.chunk_size = chunk_size
+        self.control_steps = _check_control_steps(control_steps)
 
     @property
     def transform(self) -> ParamTransform:
@@ -631,7 +737,7 @@ class ControlledPosterior(nn.Module):
     def sample(
         self, x: Tensor, obs: RowData, n: int, *, n_steps: int | None = None,
         solver: str | None = None, generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
+        noise: Tensor | None = None, control_steps: int | None = None,
     ) -> Tensor:  # fmt: skip
         """Draw ``n`` posterior samples per observation with feedback, in physical units.
 
@@ -643,13 +749,15 @@ class ControlledPosterior(nn.Module):
             solver: Solver name (default ``self.solver``).
             generator: Torch generator for the base noise.
             noise: Base noise ``(n, B, D)`` instead of drawing it.
+            control_steps: Steps on ``[t_start, 1]`` (default ``self.control_steps``).
 
         Returns:
             ``theta`` samples, shape ``(n, B, D)``.
         """
         return sample_feedback(
-            self, x, obs, n, n_steps=n_steps, solver=solver, generator=generator, noise=noise
-        ).theta
+            self, x, obs, n, n_steps=n_steps, solver=solver, generator=generator, noise=noise,
+            control_steps=control_steps,
+        ).theta  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -672,26 +780,43 @@ class FeedbackSamples:
     n_steps_control: int
 
 
-def _split_steps(n_steps: int, t_start: float) -> tuple[int, int]:
-    """Steps before and after ``t_start``: ``round((1 - t_start) n_steps)`` (>= 1) after."""
+def _check_control_steps(control_steps: int | None) -> int | None:
+    if control_steps is not None and (
+        isinstance(control_steps, bool) or not isinstance(control_steps, int) or control_steps < 1
+    ):
+        raise ValueError(f"control_steps must be an integer >= 1, got {control_steps!r}")
+    return control_steps
+
+
+def _split_steps(
+    n_steps: int, t_start: float, control_steps: int | None = None
+) -> tuple[int, int]:
+    """Steps before and after ``t_start``.
+
+    Before: ``n_steps`` minus its share after, ``round((1 - t_start) n_steps)`` (>= 1).
+    After: that share, or ``control_steps`` where given.
+    """
     if not isinstance(n_steps, int) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
-    n_control = min(n_steps - 1, max(1, round((1 - t_start) * n_steps)))
-    return n_steps - n_control, n_control
+    share = min(n_steps - 1, max(1, round((1 - t_start) * n_steps)))
+    if control_steps is None:
+        return n_steps - share, share
+    return n_steps - share, _check_control_steps(control_steps)
 
 
 @torch.no_grad()
 def sample_feedback(
     posterior: ControlledPosterior, x: Tensor, obs: RowData, n: int, *, n_steps: int | None = None,
     solver: str | None = None, generator: torch.Generator | None = None,
-    noise: Tensor | None = None,
+    noise: Tensor | None = None, control_steps: int | None = None,
 ) -> FeedbackSamples:  # fmt: skip
     """Sample with feedback: the base drift up to ``t_start``, the controlled drift after.
 
     The two segments are integrated separately, ``n_steps - k`` steps on ``[0, t_start]`` and
     ``k = round((1 - t_start) n_steps)`` on ``[t_start, 1]``, so no step straddles the gate;
     choose ``n_steps`` with ``t_start * n_steps`` an integer for equal step sizes (200 Euler
-    steps with ``t_start = 0.8``: 160 + 40, the paper's setting). Rows are laid out
+    steps with ``t_start = 0.8``: 160 + 40, the paper's setting). ``control_steps`` replaces
+    ``k`` on ``[t_start, 1]`` only (Euler 40 with 4 control steps: 32 + 4). Rows are laid out
     sample-major (row ``i`` belongs to observation ``i % B``); the signal is evaluated in
     chunks of ``posterior.chunk_size`` rows.
 
@@ -705,12 +830,17 @@ def sample_feedback(
         generator: Torch generator for the base noise.
         noise: Base noise ``(n, B, D)`` instead of drawing it (e.g. one seed per
             observation, so a lens's samples do not depend on its batch neighbours).
+        control_steps: Steps on ``[t_start, 1]`` (default ``posterior.control_steps``, and
+            where that is ``None`` the share of ``n_steps`` above).
 
     Returns:
         The samples and the number of signal calls per sample.
     """
     solver = solver or posterior.solver
-    n_base, n_control = _split_steps(n_steps or posterior.n_steps, posterior.t_start)
+    if control_steps is None:
+        control_steps = posterior.control_steps
+    n_base, n_control = _split_steps(n_steps or posterior.n_steps, posterior.t_start,
+                                     control_steps)  # fmt: skip
     field = posterior.base.field
     h = field.embed(x)
     b = h.shape[0]
@@ -736,13 +866,16 @@ def sample_feedback(
     return FeedbackSamples(posterior.transform.from_u(u), u, calls, n_base, n_control)
 
 
-def signal_calls_per_sample(n_steps: int, solver: str, t_start: float) -> int:
+def signal_calls_per_sample(
+    n_steps: int, solver: str, t_start: float, control_steps: int | None = None
+) -> int:
     """Signal calls per sample of ``sample_feedback``: evaluations in the controlled segment.
 
     Args:
         n_steps: Solver steps over ``[0, 1]``.
         solver: Solver name.
         t_start: Start of the control.
+        control_steps: Steps on ``[t_start, 1]`` where not the share of ``n_steps``.
 
     Returns:
         Controlled steps times the solver's evaluations per step.
@@ -751,7 +884,7 @@ def signal_calls_per_sample(n_steps: int, solver: str, t_start: float) -> int:
         >>> signal_calls_per_sample(200, "euler", 0.8), signal_calls_per_sample(32, "midpoint", 0.8)
         (40, 12)
     """
-    return _split_steps(n_steps, t_start)[1] * SOLVERS[solver][1]
+    return _split_steps(n_steps, t_start, control_steps)[1] * SOLVERS[solver][1]
 
 
 # --------------------------------------------------------------------------- finetuning
@@ -1071,6 +1204,7 @@ def save_control(
         "t_start": posterior.t_start,
         "n_steps": posterior.n_steps,
         "solver": posterior.solver,
+        "control_steps": posterior.control_steps,
         "signal": type(posterior.signal).__name__,
         "base_sha256": weights_hash(posterior.base),
         "base_path": None if base_path is None else str(base_path),
@@ -1128,5 +1262,6 @@ def load_control(
     model = ControlledPosterior(
         copy.deepcopy(base), control.to(device=ref.device, dtype=ref.dtype), signal,
         t_start=meta["t_start"], n_steps=meta["n_steps"], solver=meta["solver"],
+        control_steps=meta.get("control_steps"),  # absent before 2026-11-26: the share
     )  # fmt: skip
     return model.eval()

@@ -161,6 +161,8 @@ def sample_posteriors(
     generator: torch.Generator | None = None,
     progress: bool = False,
     normalize_flux: bool | None = None,
+    control_steps: int | None = None,
+    compile: bool = False,
 ) -> list[PosteriorSamples]:
     """Posterior samples for many observations, batched, optionally with simulator feedback.
 
@@ -189,6 +191,10 @@ def sample_posteriors(
             what the model was trained with (``DataConfig.normalize_flux``); forcing it on
             a model trained in absolute units moves its inputs off the training
             distribution (docs/real-lenses.md, "Flux units").
+        control_steps: With feedback, solver steps on ``[t_start, 1]`` (default: the
+            control net's; each costs one simulator call per sample).
+        compile: With feedback, run the simulator through ``torch.compile``
+            (``feedback.lens_cost``; compiles once per process, pays on a GPU).
 
     Returns:
         One ``PosteriorSamples`` per observation, in order, on the model's device;
@@ -238,9 +244,10 @@ def sample_posteriors(
             theta = posterior.sample(x, n, n_steps=n_steps, solver=solver, generator=generator,
                                      noise=noise)  # fmt: skip
         else:
-            controlled, data = control.posterior(part)
+            controlled, data = control.posterior(part, compile=compile)
             theta = sample_feedback(controlled, x, data, n, n_steps=n_steps, solver=solver,
-                                    generator=generator, noise=noise).theta  # fmt: skip
+                                    generator=generator, noise=noise,
+                                    control_steps=control_steps).theta  # fmt: skip
         for b in range(x.shape[0]):
             log_prob, sample = None, theta[:, b]
             if use_log_prob:

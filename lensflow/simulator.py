@@ -42,6 +42,7 @@ __all__ = [
     "fine_psf",
     "gaussian_psf",
     "log_likelihood",
+    "pad_psf",
     "pool_psf",
     "supersample_psf",
 ]
@@ -258,6 +259,27 @@ def fine_psf(config: SimulatorConfig, psf_kernel: Tensor | None = None) -> Tenso
     return torch.ones(1, 1, dtype=torch.float64)  # caustics' "no PSF"
 
 
+def pad_psf(kernel: Tensor, side: int) -> Tensor:
+    """Zero-pad a centred odd kernel ``(k, k)`` to ``(side, side)``, keeping its centre.
+
+    Args:
+        kernel: PSF kernel, shape ``(k, k)``, ``k`` odd.
+        side: Target side, odd and ``>= k``.
+
+    Returns:
+        The padded kernel, shape ``(side, side)``; convolving with it is the same.
+
+    Example:
+        >>> pad_psf(torch.ones(3, 3), 5)[:, 0].tolist()
+        [0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    k = kernel.shape[-1]
+    if kernel.shape[-2] != k or k % 2 == 0 or side % 2 == 0 or side < k:
+        raise ValueError(f"cannot pad a {tuple(kernel.shape)} kernel to {side} x {side}")
+    p = (side - k) // 2
+    return torch.nn.functional.pad(kernel, (p, p, p, p))
+
+
 class LensSimulator(nn.Module):
     """Noiseless SIE + shear + Sersic source + Sersic lens light images from caustics.
 
@@ -271,6 +293,12 @@ class LensSimulator(nn.Module):
             intermediates stay under 16 MiB (glibc serves larger allocations with fresh
             mmap'ed pages, which made batch 1000 4-5x slower per image than batch 100; see
             docs/benchmarks.md); on GPU, the whole batch.
+        psf_per_row: Take the PSF as an input of ``forward`` (one fine kernel per image,
+            caustics' ``LensSource.psf`` made a dynamic parameter), so images with
+            different PSFs are one vmapped call. ``psf_kernel`` or the Gaussian then only
+            sets the default kernel side.
+        psf_side: Fine kernel side to pad the PSF to (odd); with ``psf_per_row``, the side
+            every kernel given to ``forward`` must have (``pad_psf``).
 
     Example:
         >>> from lensflow.config import preset
@@ -288,11 +316,15 @@ class LensSimulator(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         chunk_size: int | None = None,
+        psf_per_row: bool = False,
+        psf_side: int | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         up = config.upsample_factor
         psf = fine_psf(config, psf_kernel)
+        if psf_side is not None:
+            psf = pad_psf(psf, psf_side)
         with warnings.catch_warnings():
             # caustics' FlatLambdaCDM triggers a NumPy 2 __array_wrap__ DeprecationWarning.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -333,12 +365,17 @@ class LensSimulator(nn.Module):
         self.chunk_size = chunk_size
         self._pixel_area = config.pixel_scale_arcsec**2
         self._dtype = dtype
+        self.psf_per_row = psf_per_row
+        if psf_per_row:
+            cs.psf.to_dynamic()
         self._check_param_order()
 
     def _check_param_order(self) -> None:
         # vmap passes a flat list of tensors; its order must be caustics' parameter order.
         order = tuple(s.strip() for s in self.caustics_sim.param_order().split(","))
-        expected = tuple(n.replace(".", ": ") for n in CAUSTICS_ORDER)
+        expected = ("sim: psf",) * self.psf_per_row + tuple(
+            n.replace(".", ": ") for n in CAUSTICS_ORDER
+        )
         if order != expected:
             raise RuntimeError(f"caustics parameter order {order} differs from {expected}")
 
@@ -352,12 +389,15 @@ class LensSimulator(nn.Module):
         """``(H, W)`` of the simulated images."""
         return (self.config.n_pix, self.config.n_pix)
 
-    def forward(self, theta: Tensor) -> Tensor:
+    def forward(self, theta: Tensor, psf: Tensor | None = None) -> Tensor:
         """Simulate noiseless images.
 
         Args:
             theta: Physical parameters, shape ``(B, 21)`` or ``(21,)``, columns
                 ``params.NAMES``, units per registry.
+            psf: With ``psf_per_row`` only (and then required): the fine (supersampled)
+                kernel of each image, shape ``(B, K, K)`` or ``(K, K)`` for all, ``K`` the
+                simulator's ``psf.shape[0]`` (``fine_psf`` then ``pad_psf``).
 
         Returns:
             Images in flux per pixel (image units), shape ``(B, H, W)`` or ``(H, W)``.
@@ -370,6 +410,15 @@ class LensSimulator(nn.Module):
         single = theta.ndim == 1
         batch = theta.reshape(-1, theta.shape[-1]).to(self._dtype)
         cols = list(to_caustics(batch).values())
+        if self.psf_per_row:
+            side = self.psf.shape[-1]
+            if psf is None or psf.shape[-2:] != (side, side) or psf.ndim not in (2, 3):
+                got = None if psf is None else tuple(psf.shape)
+                raise ValueError(f"psf must have shape (B, {side}, {side}), got {got}")
+            psf = psf.to(self.psf).expand(batch.shape[0], side, side)
+            cols = [psf, *cols]
+        elif psf is not None:
+            raise ValueError("psf is an input only for a simulator built with psf_per_row=True")
         images = torch.vmap(self.caustics_sim, chunk_size=self.chunk_size)(cols)
         images = images * self._pixel_area
         return images[0] if single else images.reshape(*theta.shape[:-1], *self.image_shape)

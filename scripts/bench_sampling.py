@@ -64,6 +64,12 @@ def main() -> None:
                         "learned) through sampling.sample_posteriors, on --feedback-lenses "
                         "observations")  # fmt: skip
     parser.add_argument("--feedback-lenses", type=int, default=100)
+    parser.add_argument("--control-steps", type=int, default=None,
+                        help="feedback: solver steps on [t_start, 1] (default: the control "
+                        "net's)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="feedback: run the simulator through torch.compile (compiled "
+                        "in the warm-up call, so not in the timed ones)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -103,14 +109,17 @@ def _bench_feedback(model, pairs: SimulatedPairs, args, device: torch.device) ->
     control = load_control(args.feedback, model)
     test = pairs.sample(args.feedback_lenses, generator=torch.Generator(device).manual_seed(1))
     observations = pairs.observations(test)
-    calls = signal_calls_per_sample(control.n_steps, control.solver, control.t_start)
+    control_steps = args.control_steps or control.control_steps
+    calls = signal_calls_per_sample(control.n_steps, control.solver, control.t_start,
+                                    control_steps)  # fmt: skip
     print(f"\n# feedback {control.kind} ({control.path}): {control.solver} x "
           f"{control.n_steps} steps, t_start {control.t_start}, {calls} simulator calls "
-          f"with gradient per sample")  # fmt: skip
+          f"with gradient per sample, compile {args.compile}")  # fmt: skip
 
     def feedback(b: int, n: int) -> None:
         sample_posteriors(observations[:b], model, n, feedback=control,
-                          generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+                          generator=torch.Generator(device).manual_seed(0),
+                          control_steps=control_steps, compile=args.compile)  # fmt: skip
 
     cases = [
         ("one lens, feedback", 1, args.one_lens_samples),

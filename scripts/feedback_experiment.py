@@ -147,11 +147,14 @@ def evaluate(args: argparse.Namespace) -> None:
         feedback = "none" if name == "none" else load_control(path, model)
         n_steps = args.n_steps or (model.flow.n_steps if name == "none" else feedback.n_steps)
         solver = args.solver or (model.flow.solver if name == "none" else feedback.solver)
+        control_steps = None
+        if name != "none":
+            control_steps = args.control_steps or feedback.control_steps
         start = time.perf_counter()
         samples = sample_posteriors(observations, model, args.n_samples, feedback=feedback,
                                     seeds=seeds, n_steps=n_steps, solver=solver,
-                                    chunk=args.lens_chunk,
-                                    normalize_flux=args.normalize_flux)  # fmt: skip
+                                    chunk=args.lens_chunk, normalize_flux=args.normalize_flux,
+                                    control_steps=control_steps)  # fmt: skip
         seconds = time.perf_counter() - start
         theta = torch.stack([s.theta for s in samples], dim=1)  # (M, N, D)
         u = transform.to_u(theta)
@@ -159,7 +162,7 @@ def evaluate(args: argparse.Namespace) -> None:
             0
             if name == "none" or feedback.kind == "zero"
             # zeros: no simulator
-            else (signal_calls_per_sample(n_steps, solver, feedback.t_start))
+            else (signal_calls_per_sample(n_steps, solver, feedback.t_start, control_steps))
         )
         r = score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, args.chunk,
                   per_lens=args.per_lens)  # fmt: skip
@@ -170,7 +173,8 @@ def evaluate(args: argparse.Namespace) -> None:
             "chi2_exact_mean": float(chi2_exact.mean()),
             "chi2_exact_median": float(chi2_exact.median()),
             "method": samples[0].method,
-            "sampler": f"{solver} {n_steps}",
+            "sampler": f"{solver} {n_steps}"
+            + (f", {control_steps} control steps" if control_steps else ""),
             "param_error_u_mean": float(u_err.mean()),
             "theta_e_abs_error_median_arcsec": float((theta.mean(0)[:, 0] - truth[:, 0]).abs()
                                                      .median()),
@@ -295,6 +299,9 @@ def main() -> None:
         help="sampler steps over [0, 1] (default: 40; --evaluate: each variant's own default)",
     )
     p.add_argument("--solver", help="solver (default: euler; --evaluate: each variant's own)")
+    p.add_argument("--control-steps", type=int,
+                   help="--evaluate: solver steps on [t_start, 1] (default: each control "
+                   "net's; its share of --n-steps where it has none)")  # fmt: skip
     p.add_argument("--chunk", type=int, default=1024, help="rows per simulator call")
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--threads", type=int, default=1)

@@ -146,6 +146,9 @@ def test_parse_methods_orders_and_rejects():
         (["--methods", "flow,mcmc"], "unknown method(s) 'mcmc'"),
         (["--methods", ""], "--methods is empty"),
         (["--n-lenses", "13"], "--n-lenses must be 1 to 12"),
+        (["--set", "foo=1"], "--set: 'foo=1' is not FIELD=VALUE with FIELD one of"),
+        (["--set", "emcee_steps=0"], "--set: emcee_steps must be a positive integer"),
+        (["--set", "methods=flow"], "--set: 'methods=flow' is not FIELD=VALUE"),
     ],
 )
 def test_bench_cli_errors_are_one_line(argv, message, tmp_path, capsys):
@@ -153,6 +156,14 @@ def test_bench_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert err.startswith("lensflow: error: ") and message in err and "\n" not in err
+
+
+def test_config_overrides_are_the_changed_sizes_only():
+    full = bench.BENCH_CONFIGS["full"]
+    assert bench.config_overrides(full) == {}
+    changed = dataclasses.replace(full, emcee_steps=25_000, methods=("flow",), n_lenses=1)
+    assert bench.config_overrides(changed) == {"emcee_steps": 25_000}  # not what runs
+    assert bench.config_overrides(dataclasses.replace(full, name="mine")) == {}
 
 
 def test_replace_docs_block_appends_and_rejects_broken_markers(tmp_path):
@@ -217,6 +228,7 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mp.setitem(bench.BENCH_CONFIGS, "small", cfg)
+        mp.setitem(bench.BENCH_CONFIGS, "tiny", cfg)  # the name the outputs carry
         assert cli.main(args) == 0
         first = json.loads((out / "bench-tiny.json").read_text())
         # Spoil the flow run's record key: that run must be made again, emcee's reused.
@@ -227,6 +239,9 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
         (folder / "record.json").write_text(json.dumps(record))
         assert cli.main([*args, "--resume"]) == 0
         second = json.loads((out / "bench-tiny.json").read_text())
+        # Other sizes (--set): nothing is reused, and the key records the change.
+        assert cli.main([*args, "--set", "emcee_steps=12", "--resume"]) == 0
+        third = json.loads((out / "bench-tiny.json").read_text())
         bad = cli.main(["bench", "--config", "small", "--lenses", "nope", "--out", str(out)])
     torch.set_num_threads(threads)
     assert bad != 0 and "unknown lens(es) nope; available: demo_00" in capsys.readouterr().err
@@ -239,5 +254,9 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
     assert by2["flow"]["median"] == pytest.approx(by1["flow"]["median"], rel=1e-6)
     assert by2["flow"]["c2st_vs_emcee"] == pytest.approx(by1["flow"]["c2st_vs_emcee"])
     assert "--lenses demo_02 --resume" in second["command"]
+    assert not any(r["reused"] for r in third["records"])
+    assert all(r["run_key"]["overrides"] == {"emcee_steps": 12} for r in third["records"])
+    assert "--set emcee_steps=12" in third["command"]
+    assert any("emcee_steps=12" in n for n in third["notes"])
     samples, meta = read_samples(bench.run_folder(out, "demo_02", "emcee"))
-    assert samples.theta.shape == (42 * 10, len(NAMES)) and meta["method"] == "emcee"
+    assert samples.theta.shape == (42 * 12, len(NAMES)) and meta["method"] == "emcee"  # third

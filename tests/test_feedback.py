@@ -16,6 +16,7 @@ from lensflow.feedback import (
     FinetuneConfig,
     GaussianCost,
     GradientSignal,
+    LensRenderer,
     ObservedData,
     ResidualSignal,
     ZeroSignal,
@@ -177,6 +178,17 @@ def test_sample_feedback_counts_signal_calls_and_splits_steps():
     assert (out.n_steps_base, out.n_steps_control, out.n_signal_calls) == (160, 40, 40)
     out = sample_feedback(post, x, obs, 5, n_steps=32, solver="midpoint")
     assert out.n_signal_calls == signal_calls_per_sample(32, "midpoint", 0.8) == 12
+    # control_steps changes the controlled segment only: Euler 40 with 4 control steps.
+    out = sample_feedback(post, x, obs, 5, n_steps=40, solver="euler", control_steps=4)
+    assert (out.n_steps_base, out.n_steps_control, out.n_signal_calls) == (32, 4, 4)
+    assert signal_calls_per_sample(40, "euler", 0.8, 4) == 4
+    post.control_steps = 2  # the posterior's default, overridden per call
+    assert sample_feedback(post, x, obs, 5, n_steps=40).n_signal_calls == 2
+    assert sample_feedback(post, x, obs, 5, n_steps=40, control_steps=3).n_signal_calls == 3
+    post.control_steps = None
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="control_steps must be an integer >= 1"):
+            sample_feedback(post, x, obs, 5, n_steps=40, control_steps=bad)
     # Chunked signal evaluation gives the same samples as one chunk.
     post.chunk_size = 3
     gen = torch.Generator().manual_seed(1)
@@ -246,9 +258,11 @@ def test_finetune_trains_residual_encoder_and_checkpoint_round_trip(tmp_path):
     data = tensor_batches(theta, x, ObservedData(x, torch.full((M,), S)))
     tuned = finetune(post, signal, data, cfg, generator=torch.Generator().manual_seed(0))
     assert any(not torch.equal(v, enc_before[k]) for k, v in signal.state_dict().items())
+    tuned.control_steps = 3
     save_control(tmp_path / "ctrl", tuned, base_path="base.safetensors")
     fresh_signal = ResidualSignal(toy_cost, VectorEncoder(M, 4, width=8, n_blocks=1), 4)
     loaded = load_control(tmp_path / "ctrl.json", post, fresh_signal)
+    assert loaded.control_steps == 3
     _, x = simulate(3)
     obs = ObservedData(x, torch.full((M,), S))
     gen = torch.Generator()
@@ -335,12 +349,36 @@ def test_lens_cost_shares_simulators_and_keeps_row_order():
     other_psf[1, 1] = 1.0
     obs_b = dataclasses.replace(obs, psf=other_psf)
     cost, data = lens_cost([obs, obs_b, obs], cfg, tr)
-    assert data.key.tolist() == [0, 1, 0] and len(cost.forward) == 2
+    # One grid: one simulator that takes the PSF per row, so the three rows are one call.
+    assert data.key.tolist() == [0, 1, 0] and isinstance(cost.forward, LensRenderer)
+    assert len(cost.forward.simulators) == 1 and cost.forward.psfs[0].shape[0] == 2
     u = tr.to_u(theta).repeat(3, 1)
     c = cost(u, data)
     single, data_a = lens_cost(obs, cfg, tr)
     torch.testing.assert_close(c[[0, 2]], single(u[:2], data_a[torch.zeros(2, dtype=torch.long)]))
+    single_b, data_b = lens_cost(obs_b, cfg, tr)
+    torch.testing.assert_close(c[1:2], single_b(u[:1], data_b))
     assert not torch.isclose(c[0], c[1])  # a different PSF gives a different chi^2
+
+
+def test_lens_cost_mixed_grids_one_call_per_grid():
+    import dataclasses
+
+    cfg, obs, theta, tr = tiny_lens_observation()
+    finer = dataclasses.replace(obs, pixel_scale_arcsec=obs.pixel_scale_arcsec * 0.9)
+    other_psf = torch.zeros(3, 3, dtype=obs.psf.dtype)
+    other_psf[1, 1] = 1.0
+    finer_b = dataclasses.replace(finer, psf=other_psf)
+    group = [finer, obs, finer_b, obs, finer]
+    cost, data = lens_cost(group, cfg, tr)
+    renderer = cost.forward
+    assert len(renderer.simulators) == 2
+    assert renderer.psfs[0].shape[0] == 2 and renderer.psfs[1] is None  # one PSF: built in
+    u = tr.to_u(theta).repeat(len(group), 1)
+    c = cost(u, data)
+    for i, o in enumerate(group):  # each row as if it were alone
+        alone, row = lens_cost(o, cfg, tr)
+        torch.testing.assert_close(c[i : i + 1], alone(u[:1], row))
 
 
 def posterior_error(post, x, n=400, seed=1):

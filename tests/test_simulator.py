@@ -13,8 +13,10 @@ from lensflow.simulator import (
     LensSimulator,
     NoiseModel,
     chi2,
+    fine_psf,
     gaussian_psf,
     log_likelihood,
+    pad_psf,
     pool_psf,
     supersample_psf,
 )
@@ -471,6 +473,33 @@ def test_simulator_pixel_kernel_equals_gaussian_at_native_resolution():
     kernel = gaussian_psf(0.3, 0.15, truncation=cfg.psf_truncation)
     b = LensSimulator(cfg, psf_kernel=2.0 * kernel, dtype=torch.float64)(theta)  # unnormalized
     torch.testing.assert_close(a, b)
+
+
+def test_simulator_psf_per_row_equals_one_simulator_per_psf():
+    # Kernels of different sizes (and an asymmetric one) go in per row, zero-padded to the
+    # largest fine side; each row must equal the simulator built with its own kernel.
+    cfg = dataclasses.replace(SMALL, upsample_factor=2)
+    kernels = [gaussian_psf(f, cfg.pixel_scale_arcsec) for f in (0.2, 0.35)]
+    kernels.append(_elongated_kernel())
+    fine = [fine_psf(cfg, k) for k in kernels]
+    side = max(f.shape[-1] for f in fine)
+    assert len({f.shape[-1] for f in fine}) > 1  # really different sides
+    stack = torch.stack([pad_psf(f, side) for f in fine])
+    per_row = LensSimulator(cfg, dtype=torch.float64, psf_per_row=True, psf_side=side)
+    theta = Prior().sample((6,), generator=torch.Generator().manual_seed(3)).double()
+    slot = torch.tensor([0, 1, 2, 2, 1, 0])
+    images = per_row(theta, psf=stack[slot])
+    for i in range(len(slot)):
+        alone = LensSimulator(cfg, psf_kernel=kernels[int(slot[i])], dtype=torch.float64)
+        torch.testing.assert_close(images[i], alone(theta[i]), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="psf must have shape"):
+        per_row(theta)
+    with pytest.raises(ValueError, match="psf must have shape"):
+        per_row(theta, psf=stack[:, 1:, 1:])
+    with pytest.raises(ValueError, match="only for a simulator built with psf_per_row"):
+        LensSimulator(cfg)(theta, psf=stack[slot])
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_psf(fine[0], side - 1)
 
 
 def test_noise_model_sigma_formula_and_draw_statistics():

@@ -42,12 +42,14 @@ __all__ = [
     "BenchConfig",
     "BenchLens",
     "BenchReport",
+    "config_overrides",
     "default_catalog",
     "hardware",
     "judge_goals",
     "load_demo_lenses",
     "load_real_lenses",
     "parse_methods",
+    "parse_overrides",
     "run_bench",
     "run_folder",
     "stack_samples",
@@ -180,6 +182,69 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
         lt_steps=30_000,
     ),
 }
+
+
+#: ``BenchConfig`` fields that select what runs rather than how: never overrides.
+_SELECTION_FIELDS = ("name", "n_lenses", "methods")
+
+
+def parse_overrides(text: str) -> dict[str, int]:
+    """Parse ``--set`` overrides of a config's sizes: ``"emcee_steps=25000,lt_steps=300"``.
+
+    Args:
+        text: Comma-separated ``field=integer`` pairs naming ``BenchConfig`` size fields.
+
+    Returns:
+        The overrides, field name to value.
+
+    Raises:
+        ValueError: For an unknown field, a selection field (use --methods, --n-lenses), a
+            value that is not a positive integer, or a malformed pair (one line each).
+
+    Example:
+        >>> parse_overrides("emcee_steps=25000, lt_steps=300")
+        {'emcee_steps': 25000, 'lt_steps': 300}
+    """
+    sizes = [f.name for f in dataclasses.fields(BenchConfig) if f.name not in _SELECTION_FIELDS]
+    out: dict[str, int] = {}
+    for pair in (p.strip() for p in text.split(",")):
+        if not pair:
+            continue
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or key not in sizes:
+            raise ValueError(f"--set: {pair!r} is not FIELD=VALUE with FIELD one of "
+                             f"{', '.join(sizes)}")  # fmt: skip
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise ValueError(f"--set: {key} must be a positive integer, got {value!r}")
+        out[key] = number
+    if not out:
+        raise ValueError("--set is empty; give FIELD=VALUE pairs, e.g. emcee_steps=25000")
+    return out
+
+
+def config_overrides(cfg: BenchConfig) -> dict[str, Any]:
+    """The size fields in which ``cfg`` differs from the named config it carries.
+
+    Stored runs are reused (``run_bench(resume=True)``) only with the same overrides.
+
+    Args:
+        cfg: A config, possibly ``dataclasses.replace``d from a ``BENCH_CONFIGS`` entry.
+
+    Returns:
+        Field name to value, empty for an unchanged (or unnamed) config.
+    """
+    base = BENCH_CONFIGS.get(cfg.name)
+    if base is None:
+        return {}
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in _SELECTION_FIELDS and getattr(cfg, f.name) != getattr(base, f.name)
+    }
 
 
 def parse_methods(methods: str | Iterable[str]) -> tuple[str, ...]:
@@ -731,6 +796,10 @@ def run_bench(
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
         notes.append(f"flow+feedback: the {feedback_kind} control net {weights.name} "
                      f"(sha256 {digest}...)")  # fmt: skip
+    overrides = config_overrides(cfg)
+    if overrides:
+        notes.append("sizes changed from the named config: "
+                     + ", ".join(f"{k}={v}" for k, v in overrides.items()))  # fmt: skip
     warm: set[str] = set()
     sim_cfg = trained.simulator
     bar = tqdm(total=len(lenses) * len(methods), desc="bench", unit="run", disable=not progress)
@@ -748,6 +817,8 @@ def run_bench(
                 bar.update()
                 continue
             key = {"config": cfg.name, "model": str(model), "seed": lens_seed}
+            if overrides:
+                key["overrides"] = overrides
             folder = None if store is None else run_folder(store, lens.name, method)
             stored = _load_run(folder, key) if resume and folder is not None else None
             if stored is not None:
