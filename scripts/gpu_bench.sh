@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks for one GPU machine: issue 3's per-lens comparison (flow, flow + feedback and
 # emcee on the GPU, lenstronomy + emcee on one core of the same host, all on one lens in one
-# run) and issue 7's feedback cost (bench_sampling.py with the control-step and compile
-# options). docs/benchmarks.md has the results and how to read them.
+# run) and issue 7's feedback cost (bench_sampling.py, eager and with the simulator
+# compiled). docs/benchmarks.md has the results and how to read them.
 #
 # Usage (repository root, lensflow importable, one CUDA GPU):
 #     STAGE=mcmc OUT=runs/gpu_bench bash scripts/gpu_bench.sh
@@ -16,7 +16,6 @@
 #                    to 10,000 samples is a lower bound)
 #     MCMC_S=480     time limit of the mcmc stage's runs, seconds
 #     PRESETS="euclid hst"  models of the sampling stage
-#     COMPILE_PRESET=euclid the one also timed with the compiled simulator
 #     SAMPLING_EXTRA=...    more bench_sampling.py flags (smaller sizes for a CPU dry run)
 #     DEVICE=cuda
 set -u
@@ -27,7 +26,6 @@ LENS=${LENS:-demo_01}
 SET=${SET:-emcee_burn=1500,emcee_steps=24000,lt_particles=100,lt_iterations=100,lt_burn=500,lt_steps=3000}
 MCMC_S=${MCMC_S:-480}
 PRESETS=${PRESETS:-"euclid hst"}
-COMPILE_PRESET=${COMPILE_PRESET:-euclid}
 SAMPLING_EXTRA=${SAMPLING_EXTRA:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -65,15 +63,10 @@ if [ "$STAGE" = sampling ]; then
     S="python scripts/bench_sampling.py --device $DEVICE --threads 4 --repeats 1"
     S="$S --feedback gradient --feedback-lenses 100 --batch-lenses 1000 $SAMPLING_EXTRA"
     for p in $PRESETS; do
-        log "$p: default control steps"
-        timeout 120 $S --model "$p" 2>&1 | tee "$OUT/sampling-$p-default.md"
-        log "$p: 4 control steps"
-        timeout 120 $S --model "$p" --control-steps 4 2>&1 | tee "$OUT/sampling-$p-cs4.md"
-        if [ "$p" = "$COMPILE_PRESET" ]; then
-            log "$p: 4 control steps, compiled simulator"
-            timeout 180 $S --model "$p" --control-steps 4 --compile 2>&1 \
-                | tee "$OUT/sampling-$p-cs4-compile.md"
-        fi
+        log "$p: eager simulator"
+        timeout 120 $S --model "$p" 2>&1 | tee "$OUT/sampling-$p-eager.md"
+        log "$p: compiled simulator"
+        timeout 200 $S --model "$p" --compile 2>&1 | tee "$OUT/sampling-$p-compile.md"
     done
 fi
 log done
