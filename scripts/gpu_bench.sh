@@ -14,7 +14,8 @@
 #                    1,500 + 24,000 steps, 55 tau at demo_01's tau of 435; lenstronomy
 #                    PSO 100 x 100 and emcee 500 + 3,000 steps, a capped chain whose time
 #                    to 10,000 samples is a lower bound)
-#     MCMC_S=480     time limit of the mcmc stage's runs, seconds
+#     MCMC_S=440     time limit of the mcmc stage's runs, seconds
+#     MERGE_S=140    time limit of its merge (C2ST, report)
 #     PRESETS="euclid hst"  models of the sampling stage
 #     SAMPLING_EXTRA=...    more bench_sampling.py flags (smaller sizes for a CPU dry run)
 #     DEVICE=cuda
@@ -24,7 +25,8 @@ OUT=${OUT:-runs/gpu_bench}
 DEVICE=${DEVICE:-cuda}
 LENS=${LENS:-demo_01}
 SET=${SET:-emcee_burn=1500,emcee_steps=24000,lt_particles=100,lt_iterations=100,lt_burn=500,lt_steps=3000}
-MCMC_S=${MCMC_S:-480}
+MCMC_S=${MCMC_S:-440}
+MERGE_S=${MERGE_S:-140}
 PRESETS=${PRESETS:-"euclid hst"}
 SAMPLING_EXTRA=${SAMPLING_EXTRA:-}
 mkdir -p "$OUT"
@@ -50,7 +52,7 @@ if [ "$STAGE" = mcmc ]; then
     wait $LT
     log "lenstronomy rc $?"
     # Merge: every run is reused (--resume); the C2ST, coverage and report are recomputed.
-    timeout 240 $B --methods flow,flow+feedback,emcee,lenstronomy --device "$DEVICE" \
+    timeout "$MERGE_S" $B --methods flow,flow+feedback,emcee,lenstronomy --device "$DEVICE" \
         --threads 4 --resume --out "$OUT/bench" >"$OUT/bench-merge.log" 2>&1
     log "merge rc $?"
     tail -n 5 "$OUT"/bench-*.log
