@@ -432,7 +432,7 @@ class TrainedControl:
         return sum(p.numel() for m in mods for p in m.parameters())
 
     def posterior(
-        self, observations: Sequence[Observation], *, compile: bool = False
+        self, observations: Sequence[Observation]
     ) -> tuple[ControlledPosterior, ObservedData]:
         """The controlled posterior for these observations, and their data rows.
 
@@ -442,8 +442,6 @@ class TrainedControl:
         Args:
             observations: Observations cut to the model's field of view
                 (``cutouts.cut_to_fov``), in the model's dtype and device.
-            compile: Run the feedback simulator through ``torch.compile``
-                (``feedback.lens_cost``).
 
         Returns:
             The controlled posterior (sharing the base flow and control net, eval mode) and
@@ -451,8 +449,7 @@ class TrainedControl:
             input.
         """
         base = self.model.posterior
-        cost, data = lens_cost(observations, self.model.simulator, base.transform,
-                               compile=compile)  # fmt: skip
+        cost, data = lens_cost(observations, self.model.simulator, base.transform)
         signal = make_signal(self.kind, cost, base.field.dim, encoder=self.meta.get("encoder"))
         if self.encoder is not None:
             signal.encoder = self.encoder  # the trained one

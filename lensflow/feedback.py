@@ -264,7 +264,7 @@ class LensRenderer:
     one call, not one per PSF (small calls leave a GPU idle, docs/benchmarks.md).
 
     Args:
-        simulators: One simulator (or compiled simulator) per pixel grid.
+        simulators: One simulator per pixel grid.
         psfs: Per grid, the fine kernels ``(P, K, K)`` of its per-row simulator, or ``None``
             for a simulator with its PSF built in.
         grid: Long tensor ``(M,)``: the grid of each key.
@@ -305,26 +305,6 @@ class LensRenderer:
         return torch.cat(parts)[torch.argsort(order)]
 
 
-#: Compiled per-row-PSF simulators, reused across ``lens_cost`` calls so that each grid and
-#: kernel side is compiled once per process (a fresh module would be compiled again).
-_COMPILED: dict[tuple, Callable[..., Tensor]] = {}
-_COMPILED_MAX = 8
-
-
-def _compiled_simulator(
-    config: SimulatorConfig, side: int, dtype: torch.dtype, device: torch.device
-) -> Callable[..., Tensor]:
-    from lensflow.simulator import LensSimulator
-
-    key = (config, side, dtype, str(device))
-    if key not in _COMPILED:
-        if len(_COMPILED) >= _COMPILED_MAX:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        sim = LensSimulator(config, dtype=dtype, device=device, psf_per_row=True, psf_side=side)
-        _COMPILED[key] = torch.compile(sim)
-    return _COMPILED[key]
-
-
 def lens_cost(
     observations: Observation | Sequence[Observation],
     config: SimulatorConfig,
@@ -332,7 +312,6 @@ def lens_cost(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    compile: bool = False,
 ) -> tuple[GaussianCost, ObservedData]:
     """The lens feedback cost, with simulators built from the observations themselves.
 
@@ -349,9 +328,6 @@ def lens_cost(
             Lenses use ``params.UnconstrainedTransform()``.
         dtype: Simulation dtype (default: the observations' dtype).
         device: Simulation device (default: the observations' device).
-        compile: Run the simulator through ``torch.compile`` (per-row PSF simulators,
-            compiled once per grid and kernel side in this process and reused). The first
-            call compiles (tens of seconds); it pays where many simulator calls follow.
 
     Returns:
         The cost (reduced chi^2 over unmasked pixels) and the observed data, one row per
@@ -391,7 +367,7 @@ def lens_cost(
     sims, stacks, sides = [], [], []
     for ((n_pix, _), scale), psfs in zip(grids, kernels, strict=True):
         cfg = dataclasses.replace(config, n_pix=n_pix, pixel_scale_arcsec=scale)
-        if len(psfs) == 1 and not compile:
+        if len(psfs) == 1:
             sim = LensSimulator(cfg, psf_kernel=psfs[0], dtype=dtype, device=device)
             sims.append(sim)
             stacks.append(None)
@@ -399,11 +375,8 @@ def lens_cost(
             continue
         fine = [fine_psf(cfg, k) for k in psfs]
         side = max(f.shape[-1] for f in fine)
-        if compile:
-            sims.append(_compiled_simulator(cfg, side, dtype, device))
-        else:
-            sims.append(LensSimulator(cfg, dtype=dtype, device=device, psf_per_row=True,
-                                      psf_side=side))  # fmt: skip
+        sims.append(LensSimulator(cfg, dtype=dtype, device=device, psf_per_row=True,
+                                  psf_side=side))  # fmt: skip
         stacks.append(torch.stack([pad_psf(f, side) for f in fine]).to(device, dtype))
         sides.append(n_pix * cfg.upsample_factor + side - 1)
     data = ObservedData(

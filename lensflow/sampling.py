@@ -162,7 +162,6 @@ def sample_posteriors(
     progress: bool = False,
     normalize_flux: bool | None = None,
     control_steps: int | None = None,
-    compile: bool = False,
 ) -> list[PosteriorSamples]:
     """Posterior samples for many observations, batched, optionally with simulator feedback.
 
@@ -193,8 +192,6 @@ def sample_posteriors(
             distribution (docs/real-lenses.md, "Flux units").
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (default: the
             control net's; each costs one simulator call per sample).
-        compile: With feedback, run the simulator through ``torch.compile``
-            (``feedback.lens_cost``; compiles once per process, pays on a GPU).
 
     Returns:
         One ``PosteriorSamples`` per observation, in order, on the model's device;
@@ -244,7 +241,7 @@ def sample_posteriors(
             theta = posterior.sample(x, n, n_steps=n_steps, solver=solver, generator=generator,
                                      noise=noise)  # fmt: skip
         else:
-            controlled, data = control.posterior(part, compile=compile)
+            controlled, data = control.posterior(part)
             theta = sample_feedback(controlled, x, data, n, n_steps=n_steps, solver=solver,
                                     generator=generator, noise=noise,
                                     control_steps=control_steps).theta  # fmt: skip

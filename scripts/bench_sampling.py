@@ -67,9 +67,6 @@ def main() -> None:
     parser.add_argument("--control-steps", type=int, default=None,
                         help="feedback: solver steps on [t_start, 1] (default: the control "
                         "net's)")  # fmt: skip
-    parser.add_argument("--compile", action="store_true",
-                        help="feedback: run the simulator through torch.compile (compiled "
-                        "in the warm-up call, so not in the timed ones)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -114,12 +111,12 @@ def _bench_feedback(model, pairs: SimulatedPairs, args, device: torch.device) ->
                                     control_steps)  # fmt: skip
     print(f"\n# feedback {control.kind} ({control.path}): {control.solver} x "
           f"{control.n_steps} steps, t_start {control.t_start}, {calls} simulator calls "
-          f"with gradient per sample, compile {args.compile}")  # fmt: skip
+          f"with gradient per sample")  # fmt: skip
 
     def feedback(b: int, n: int) -> None:
         sample_posteriors(observations[:b], model, n, feedback=control,
                           generator=torch.Generator(device).manual_seed(0),
-                          control_steps=control_steps, compile=args.compile)  # fmt: skip
+                          control_steps=control_steps)  # fmt: skip
 
     cases = [
         ("one lens, feedback", 1, args.one_lens_samples),

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks for one GPU machine: issue 3's per-lens comparison (flow, flow + feedback and
 # emcee on the GPU, lenstronomy + emcee on one core of the same host, all on one lens in one
-# run) and issue 7's feedback cost (bench_sampling.py, eager and with the simulator
-# compiled). docs/benchmarks.md has the results and how to read them.
+# run) and issue 7's feedback cost (bench_sampling.py). docs/benchmarks.md has the results and how to read them.
 #
 # Usage (repository root, lensflow importable, one CUDA GPU):
 #     STAGE=mcmc OUT=runs/gpu_bench bash scripts/gpu_bench.sh
@@ -14,7 +13,10 @@
 #                    1,500 + 24,000 steps, 55 tau at demo_01's tau of 435; lenstronomy
 #                    PSO 100 x 100 and emcee 500 + 3,000 steps, a capped chain whose time
 #                    to 10,000 samples is a lower bound)
-#     MCMC_S=440     time limit of the mcmc stage's runs, seconds
+#     MCMC_S=440     time limit of the lenstronomy run (in parallel with the rest), seconds
+#     EMCEE_S=300    time limit of the emcee run on the GPU (on 2026-11-26, 25,500 steps
+#                    with the optimizer start and the flows did not finish in 430 s on an
+#                    H100: size SET's emcee steps to the time left)
 #     MERGE_S=140    time limit of its merge (C2ST, report)
 #     PRESETS="euclid hst"  models of the sampling stage
 #     SAMPLING_EXTRA=...    more bench_sampling.py flags (smaller sizes for a CPU dry run)
@@ -26,6 +28,7 @@ DEVICE=${DEVICE:-cuda}
 LENS=${LENS:-demo_01}
 SET=${SET:-emcee_burn=1500,emcee_steps=24000,lt_particles=100,lt_iterations=100,lt_burn=500,lt_steps=3000}
 MCMC_S=${MCMC_S:-440}
+EMCEE_S=${EMCEE_S:-300}
 MERGE_S=${MERGE_S:-140}
 PRESETS=${PRESETS:-"euclid hst"}
 SAMPLING_EXTRA=${SAMPLING_EXTRA:-}
@@ -40,22 +43,37 @@ caustics.__version__, platform.processor() or platform.machine(), os.cpu_count()
     | tee -a "$OUT/gpu.txt"
 
 if [ "$STAGE" = mcmc ]; then
-    B="python -m lensflow.cli bench --config full --lenses $LENS --set $SET --quiet"
+    # Each method in its own process, so that a run cut by its time limit costs only
+    # itself; every finished run is stored (OUT/bench/runs/<lens>/<method>/) and bundled
+    # into OUT/bench-runs.tgz at the end. Progress bars go to the logs (emcee's shows the
+    # steps per second).
+    B="python -m lensflow.cli bench --config full --lenses $LENS --set $SET"
     log "lenstronomy on one host core, in the background"
     timeout "$MCMC_S" $B --methods lenstronomy --device cpu --threads 1 --out "$OUT/bench" \
         >"$OUT/bench-lenstronomy.log" 2>&1 &
     LT=$!
-    log "flow, flow+feedback and emcee on $DEVICE"
-    timeout "$MCMC_S" $B --methods flow,flow+feedback,emcee --device "$DEVICE" --threads 4 \
-        --out "$OUT/bench" >"$OUT/bench-gpu.log" 2>&1
-    log "gpu run rc $?"
+    log "flow and flow+feedback on $DEVICE"
+    timeout 150 $B --methods flow,flow+feedback --device "$DEVICE" --threads 4 --quiet \
+        --out "$OUT/bench" >"$OUT/bench-flows.log" 2>&1
+    log "flows rc $?"
+    log "emcee on $DEVICE"
+    timeout "$EMCEE_S" $B --methods emcee --device "$DEVICE" --threads 4 --out "$OUT/bench" \
+        >"$OUT/bench-emcee.log" 2>&1
+    log "emcee rc $?"
     wait $LT
     log "lenstronomy rc $?"
-    # Merge: every run is reused (--resume); the C2ST, coverage and report are recomputed.
-    timeout "$MERGE_S" $B --methods flow,flow+feedback,emcee,lenstronomy --device "$DEVICE" \
-        --threads 4 --resume --out "$OUT/bench" >"$OUT/bench-merge.log" 2>&1
-    log "merge rc $?"
-    tail -n 5 "$OUT"/bench-*.log
+    # Merge the finished runs (--resume reuses them); C2ST, coverage and report recomputed.
+    DONE=$(python -c "import json, pathlib, sys
+print(','.join(json.loads(p.read_text())['method'] for p in
+      sorted(pathlib.Path(sys.argv[1]).glob('runs/*/*/record.json'))))" "$OUT/bench")
+    log "finished runs: ${DONE:-none}"
+    if [ -n "$DONE" ]; then
+        timeout "$MERGE_S" $B --methods "$DONE" --device "$DEVICE" --threads 4 --resume \
+            --quiet --out "$OUT/bench" >"$OUT/bench-merge.log" 2>&1
+        log "merge rc $?"
+    fi
+    tar czf "$OUT/bench-runs.tgz" -C "$OUT" bench && rm -rf "$OUT/bench/runs"
+    tail -n 3 "$OUT"/bench-*.log
 fi
 
 if [ "$STAGE" = sampling ]; then
@@ -65,10 +83,8 @@ if [ "$STAGE" = sampling ]; then
     S="python scripts/bench_sampling.py --device $DEVICE --threads 4 --repeats 1"
     S="$S --feedback gradient --feedback-lenses 100 --batch-lenses 1000 $SAMPLING_EXTRA"
     for p in $PRESETS; do
-        log "$p: eager simulator"
-        timeout 120 $S --model "$p" 2>&1 | tee "$OUT/sampling-$p-eager.md"
-        log "$p: compiled simulator"
-        timeout 200 $S --model "$p" --compile 2>&1 | tee "$OUT/sampling-$p-compile.md"
+        log "$p"
+        timeout 120 $S --model "$p" 2>&1 | tee "$OUT/sampling-$p.md"
     done
 fi
 log done

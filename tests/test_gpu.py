@@ -130,8 +130,8 @@ def test_feedback_cost_takes_larger_calls_on_cuda():
     assert gpu.max_rows >= cpu.max_rows and data.x.device.type == "cuda"
 
 
-def test_feedback_cost_mixed_psfs_and_compiled_match_cpu():
-    """Lenses with different PSFs in one call, eager and compiled, on CUDA: the CPU's chi^2."""
+def test_feedback_cost_mixed_psfs_match_cpu():
+    """Lenses with different PSFs in one call on CUDA: the CPU's chi^2 and gradient."""
     from lensflow.config import preset
     from lensflow.feedback import lens_cost
     from lensflow.params import UnconstrainedTransform
@@ -146,12 +146,11 @@ def test_feedback_cost_mixed_psfs_and_compiled_match_cpu():
     cpu, rows = lens_cost(obs, cfg, tr, device="cpu")
     want = cpu(u, rows)
     (want_grad,) = torch.autograd.grad(want.sum(), u)
-    for compile in (False, True):
-        gpu, rows_gpu = lens_cost(obs, cfg, tr, device="cuda", compile=compile)
-        u_gpu = u.detach().cuda().requires_grad_(True)
-        got = gpu(u_gpu, rows_gpu)
-        (grad,) = torch.autograd.grad(got.sum(), u_gpu)
-        torch.testing.assert_close(got.detach().cpu(), want.detach(), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(
-            grad.cpu(), want_grad, rtol=1e-3, atol=1e-3 * float(want_grad.abs().max())
-        )
+    gpu, rows_gpu = lens_cost(obs, cfg, tr, device="cuda")
+    u_gpu = u.detach().cuda().requires_grad_(True)
+    got = gpu(u_gpu, rows_gpu)
+    (grad,) = torch.autograd.grad(got.sum(), u_gpu)
+    torch.testing.assert_close(got.detach().cpu(), want.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        grad.cpu(), want_grad, rtol=1e-3, atol=1e-3 * float(want_grad.abs().max())
+    )
