@@ -190,7 +190,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     normalize = resolve_normalize_flux(model, args.normalize_flux)
     samples = sample_posterior(obs, model, config.n_samples, feedback=control or "none",
                                seed=config.seed, n_steps=config.n_steps, solver=config.solver,
-                               normalize_flux=normalize)  # fmt: skip
+                               normalize_flux=normalize,
+                               control_steps=args.control_steps)  # fmt: skip
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +207,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    "feedback_requested": args.feedback,
                    "control": None if control is None else str(control.path),
                    "control_status": None if control is None else control.meta.get("status"),
-                   "normalize_flux": normalize, "sampling_s": seconds}  # fmt: skip
+                   "normalize_flux": normalize, "sampling_s": seconds,
+                   "control_steps": args.control_steps}  # fmt: skip
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     how = "no feedback" if control is None else f"{kind} feedback ({control.path.name})"
     print(f"feedback: {how} [requested: {args.feedback}]; {config.solver}, "
@@ -338,7 +340,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         n=args.n, device=args.device, n_steps=args.n_steps,
         center_pix=tuple(args.center_pix) if args.center_pix else None,
         center_radec=tuple(args.center) if args.center else None, fallback=args.fallback,
-        normalize_flux=args.normalize_flux, pad=args.pad,
+        normalize_flux=args.normalize_flux, pad=args.pad, control_steps=args.control_steps,
     )  # fmt: skip
     corner = CORNER_PARAMS
     if args.corner_params:
@@ -664,6 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
     p.add_argument("--n-steps", type=int, help="ODE steps (default: the control net's with "
                    "feedback, else the model's)")  # fmt: skip
+    p.add_argument("--control-steps", type=int, metavar="K",
+                   help="with feedback: steps after t_start, one simulator call per sample each "
+                   "(default: the control net's; 4 halves the cost of the default 8, "
+                   "docs/feedback.md)")  # fmt: skip
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback: auto (gradient if its control net exists, else "
                    "learned, else none; the default), gradient, learned or none")  # fmt: skip
@@ -737,6 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulator feedback (default auto: gradient when shipped)")  # fmt: skip
     p.add_argument("-n", type=int, default=10_000, help="number of samples (default: 10000)")
     p.add_argument("--n-steps", type=int, help="ODE steps (default: the model's)")
+    p.add_argument("--control-steps", type=int, metavar="K",
+                   help="with feedback: steps after t_start, one simulator call per sample each "
+                   "(default: the control net's; 4 halves the cost of the default 8, "
+                   "docs/feedback.md)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],

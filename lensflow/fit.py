@@ -669,6 +669,7 @@ def fit_lenses(
     fallback: str = "none",
     normalize_flux: bool | None = None,
     pad: bool = False,
+    control_steps: int | None = None,
 ) -> list[FitResult]:
     """Posteriors and diagnostics of many observed lenses, batched per model.
 
@@ -698,6 +699,8 @@ def fit_lenses(
         pad: Where the model's field reaches beyond a cutout, mask the missing pixels
             (``cutouts.cut_to_fov(use_padding=True)``) instead of raising. The masked
             fraction enters the diagnostics like any mask.
+        control_steps: With feedback, solver steps on ``[t_start, 1]`` (default: the
+            control net's; each is one simulator call per sample, docs/feedback.md).
 
     Returns:
         One ``FitResult`` per observation, in order.
@@ -751,6 +754,7 @@ def fit_lenses(
             seeds=[seed_list[i] for i in idx],
             chunk=lens_chunk,
             normalize_flux=normalize,
+            control_steps=control_steps,
         )
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -795,6 +799,7 @@ def fit_lenses(
                     else None,
                     "n_samples": n,
                     "n_steps": n_steps,
+                    "control_steps": control_steps,
                     "seed": seed_list[i],
                     "device": str(dev),
                     "device_name": torch.cuda.get_device_name(dev)
@@ -827,6 +832,7 @@ def fit_lens(
     fallback: str = "none",
     normalize_flux: bool | None = None,
     pad: bool = False,
+    control_steps: int | None = None,
 ) -> FitResult:
     """Posterior and diagnostics of one observed lens (``fit_lenses`` for one lens).
 
@@ -845,6 +851,7 @@ def fit_lens(
         fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable.
         normalize_flux: Sample in normalized flux units (see ``fit_lenses``).
         pad: Mask the part of the model's field outside the cutout instead of raising.
+        control_steps: With feedback, solver steps on ``[t_start, 1]`` (see ``fit_lenses``).
 
     Returns:
         The fit result.
@@ -853,7 +860,8 @@ def fit_lens(
                       centers_radec=[center_radec],
                       names=None if name is None else [name], preset=preset, model=model,
                       feedback=feedback, n=n, device=device, n_steps=n_steps,
-                      fallback=fallback, normalize_flux=normalize_flux, pad=pad)[0]  # fmt: skip
+                      fallback=fallback, normalize_flux=normalize_flux, pad=pad,
+                      control_steps=control_steps)[0]  # fmt: skip
 
 
 def summary_row(samples: PosteriorSamples) -> dict[str, Any]:

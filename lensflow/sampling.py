@@ -214,6 +214,8 @@ def sample_posteriors(
         control = None if kind == "none" else load_control(kind, model)
     if control is not None and use_log_prob:
         raise ValueError("log_prob is not available with feedback (use feedback='none')")
+    if control is None and control_steps is not None:
+        raise ValueError(f"control_steps={control_steps} needs feedback, but it is 'none'")
     method = "flow" if control is None else f"flow+{control.kind}"
     posterior = model.posterior
     parameter = next(posterior.parameters())
@@ -271,6 +273,7 @@ def sample_posterior(
     use_log_prob: bool = False,
     generator: torch.Generator | None = None,
     normalize_flux: bool | None = None,
+    control_steps: int | None = None,
 ) -> PosteriorSamples:
     """Posterior samples of one observation (:func:`sample_posteriors` for a single lens).
 
@@ -288,6 +291,8 @@ def sample_posterior(
         generator: Torch generator for the base noise.
         normalize_flux: Sample in the model's flux units (default: as the model was
             trained; see :func:`sample_posteriors`).
+        control_steps: With feedback, solver steps on ``[t_start, 1]`` (default: the
+            control net's).
 
     Returns:
         The samples, ``theta`` of shape ``(n, D)`` in physical units.
@@ -295,7 +300,8 @@ def sample_posterior(
     return sample_posteriors([observation], model, n, feedback=feedback,
                              seeds=None if seed is None else [seed], n_steps=n_steps,
                              solver=solver, use_log_prob=use_log_prob,
-                             generator=generator, normalize_flux=normalize_flux)[0]  # fmt: skip
+                             generator=generator, normalize_flux=normalize_flux,
+                             control_steps=control_steps)[0]  # fmt: skip
 
 
 def samples_table(samples: PosteriorSamples) -> Table:

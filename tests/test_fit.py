@@ -154,6 +154,16 @@ def test_samples_depend_only_on_their_own_seed(tmp_path):
     assert not torch.allclose(other, alone)
 
 
+def test_fit_control_steps_reach_the_sampler_and_the_provenance(tmp_path):
+    obs = load_observation(_write(tmp_path, "l0", seed=0)[0])
+    kw = {"seed": 3, "n": 16, "n_steps": 10, "feedback": "gradient"}
+    one, two = (fit_lens(obs, control_steps=k, **kw) for k in (1, 2))
+    assert one.provenance["control_steps"] == 1 and two.provenance["control_steps"] == 2
+    assert not torch.allclose(one.samples.theta, two.samples.theta)
+    with pytest.raises(ValueError, match="control_steps=1 needs feedback, but it is 'none'"):
+        fit_lens(obs, control_steps=1, **(kw | {"feedback": "none"}))
+
+
 def test_fit_with_forced_flux_normalization_ignores_units_and_records_the_factor():
     from lensflow.params import FLUX_NAMES
 

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from astropy.table import Table
@@ -273,6 +274,19 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
                  "--out", str(out / "norm")]) == 0  # fmt: skip
     assert json.loads((out / "norm" / "provenance.json").read_text())["normalize_flux"] is True
     assert Table.read(out / "samples.ecsv").meta["method"] == "flow+gradient"
+    # --control-steps: fewer controlled steps, other samples, recorded; needs feedback.
+    assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--control-steps", "1",
+                 "--out", str(out / "cs1")]) == 0  # fmt: skip
+    assert json.loads((out / "cs1" / "provenance.json").read_text())["control_steps"] == 1
+    one = Table.read(out / "cs1" / "samples.ecsv")
+    assert not np.allclose(one["lens_theta_e"], Table.read(out / "samples.ecsv")["lens_theta_e"])
+    capsys.readouterr()
+    assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--control-steps", "2",
+                 "--feedback", "none", "--out", str(out / "cs2")]) == 2  # fmt: skip
+    assert "control_steps=2 needs feedback, but it is 'none'" in capsys.readouterr().err
+    assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--control-steps", "0",
+                 "--out", str(out / "cs0")]) == 2  # fmt: skip
+    assert "control_steps must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--feedback", "none",
                  "--out", str(out)]) == 0  # fmt: skip
     assert "feedback: no feedback" in capsys.readouterr().out
