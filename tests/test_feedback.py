@@ -348,17 +348,22 @@ def test_lens_cost_shares_simulators_and_keeps_row_order():
     other_psf = torch.zeros(3, 3, dtype=obs.psf.dtype)
     other_psf[1, 1] = 1.0
     obs_b = dataclasses.replace(obs, psf=other_psf)
-    cost, data = lens_cost([obs, obs_b, obs], cfg, tr)
-    # One grid: one simulator that takes the PSF per row, so the three rows are one call.
-    assert data.key.tolist() == [0, 1, 0] and isinstance(cost.forward, LensRenderer)
-    assert len(cost.forward.simulators) == 1 and cost.forward.psfs[0].shape[0] == 2
     u = tr.to_u(theta).repeat(3, 1)
-    c = cost(u, data)
     single, data_a = lens_cost(obs, cfg, tr)
-    torch.testing.assert_close(c[[0, 2]], single(u[:2], data_a[torch.zeros(2, dtype=torch.long)]))
     single_b, data_b = lens_cost(obs_b, cfg, tr)
-    torch.testing.assert_close(c[1:2], single_b(u[:1], data_b))
-    assert not torch.isclose(c[0], c[1])  # a different PSF gives a different chi^2
+    for batching in (False, True):  # the CPU's default, and the GPU's
+        cost, data = lens_cost([obs, obs_b, obs], cfg, tr, psf_batching=batching)
+        assert data.key.tolist() == [0, 1, 0]
+        if batching:  # one grid: one simulator that takes the PSF per row, one call
+            assert isinstance(cost.forward, LensRenderer)
+            assert len(cost.forward.simulators) == 1 and cost.forward.psfs[0].shape[0] == 2
+        else:  # one simulator per PSF
+            assert len(cost.forward) == 2
+        c = cost(u, data)
+        rows_a = data_a[torch.zeros(2, dtype=torch.long)]
+        torch.testing.assert_close(c[[0, 2]], single(u[:2], rows_a))
+        torch.testing.assert_close(c[1:2], single_b(u[:1], data_b))
+        assert not torch.isclose(c[0], c[1])  # a different PSF gives a different chi^2
 
 
 def test_lens_cost_mixed_grids_one_call_per_grid():
@@ -370,12 +375,15 @@ def test_lens_cost_mixed_grids_one_call_per_grid():
     other_psf[1, 1] = 1.0
     finer_b = dataclasses.replace(finer, psf=other_psf)
     group = [finer, obs, finer_b, obs, finer]
-    cost, data = lens_cost(group, cfg, tr)
+    cost, data = lens_cost(group, cfg, tr, psf_batching=True)
     renderer = cost.forward
     assert len(renderer.simulators) == 2
     assert renderer.psfs[0].shape[0] == 2 and renderer.psfs[1] is None  # one PSF: built in
     u = tr.to_u(theta).repeat(len(group), 1)
     c = cost(u, data)
+    per_psf, data_per_psf = lens_cost(group, cfg, tr, psf_batching=False)
+    assert len(per_psf.forward) == 3  # two grids, one of them with two PSFs
+    torch.testing.assert_close(per_psf(u, data_per_psf), c)
     for i, o in enumerate(group):  # each row as if it were alone
         alone, row = lens_cost(o, cfg, tr)
         torch.testing.assert_close(c[i : i + 1], alone(u[:1], row))
