@@ -341,6 +341,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         center_pix=tuple(args.center_pix) if args.center_pix else None,
         center_radec=tuple(args.center) if args.center else None, fallback=args.fallback,
         normalize_flux=args.normalize_flux, pad=args.pad, control_steps=args.control_steps,
+        fallback_prior=args.fallback_prior,
     )  # fmt: skip
     corner = CORNER_PARAMS
     if args.corner_params:
@@ -752,6 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
                    help="re-run a lens flagged unreliable with emcee on the same likelihood, "
                    "started from the flow posterior (default: none)")  # fmt: skip
+    p.add_argument("--fallback-prior", default="default", choices=["default", "wide"],
+                   help="the fallback's prior: the training prior (default), or wide: each "
+                   "parameter's physical range, amplitudes 100x beyond, for lenses whose "
+                   "fit piles at the training prior's edge")  # fmt: skip
     p.add_argument("--pad", action="store_true",
                    help="where the model's field reaches beyond the cutout, mask the missing "
                    "pixels instead of stopping (they count in the masked fraction)")  # fmt: skip

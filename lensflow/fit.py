@@ -54,7 +54,8 @@ from lensflow.config import PRESETS
 from lensflow.cutouts import cut_to_fov
 from lensflow.data import conditioning_fwhm_arcsec, flux_factor, training_masked_fraction
 from lensflow.observation import Observation, load_observation
-from lensflow.params import FLUX_NAMES, REGISTRY, scale_flux
+from lensflow.params import FLUX_NAMES, REGISTRY, ParamSpec, scale_flux
+from lensflow.prior import PRIOR_CHOICES
 from lensflow.sampling import (
     PosteriorSamples,
     resolve_normalize_flux,
@@ -161,8 +162,9 @@ def at_prior_edge(
     theta: Tensor,
     band: float = RELIABILITY["edge_band"],
     mass: float = RELIABILITY["edge_mass_max"],
+    specs: Sequence[ParamSpec] = REGISTRY,
 ) -> list[str]:
-    """Registry names whose posterior samples pile up at an edge of the default prior.
+    """Registry names whose posterior samples pile up at an edge of the prior.
 
     A sampler confined to the prior box (the MCMC fallback) cannot follow data that want a
     value outside it: its samples then crowd against the box's edge, with a median just
@@ -174,6 +176,8 @@ def at_prior_edge(
             log-width for log-uniform parameters).
         mass: A parameter is reported when more than this fraction of its samples lie in
             one edge band.
+        specs: The registry whose priors the sampler was confined to (default: the
+            default prior; ``prior.wide_specs()`` for a wide-prior fallback).
 
     Returns:
         The names, in registry order (empty when no samples crowd an edge).
@@ -186,7 +190,7 @@ def at_prior_edge(
         ['lens_light_amp']
     """
     names = []
-    for j, spec in enumerate(REGISTRY):
+    for j, spec in enumerate(specs):
         lo, hi, v = spec.prior_low, spec.prior_high, theta[:, j].double()
         if spec.prior == "loguniform":
             lo, hi, v = math.log(lo), math.log(hi), v.clamp_min(1e-300).log()
@@ -284,11 +288,13 @@ MODE_MARGIN = 10.0
 
 def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
                  n_burn: int | None = None, n_steps: int | None = None,
-                 n_opt_steps: int = 200) -> FitResult:  # fmt: skip
+                 n_opt_steps: int = 200, prior: str = "default") -> FitResult:  # fmt: skip
     """Re-run a lens with emcee on the same likelihood, started from its flow posterior.
 
     The likelihood is the feedback's: the lensflow simulator on the cut observation's grid
-    with its PSF, noise map and mask, in float64; the prior is the registry's default.
+    with its PSF, noise map and mask, in float64; the prior is the registry's default, or
+    with ``prior="wide"`` each parameter's physical range (``prior.wide_specs``), for lenses
+    whose best fit the training prior excludes (the flag's "piled at the edge" reason).
     The 64 walkers start at distinct flow samples, unless a multi-start optimizer (broad
     prior starts plus 8 flow samples, ``baselines.mcmc.optimize_posterior``) finds a mode
     more than ``MODE_MARGIN`` nats above every flow start: then they start around that
@@ -302,6 +308,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         n_steps: Kept steps per walker (default ``FALLBACK_EMCEE``).
         n_opt_steps: Adam steps, and L-BFGS iterations per polished point, of the mode
             check's optimizer.
+        prior: ``"default"`` or ``"wide"`` (``prior.PRIOR_CHOICES``).
 
     Returns:
         The fit with emcee's samples (``method="emcee"``), fresh diagnostics and
@@ -315,8 +322,10 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         optimize_posterior,
         run_emcee,
     )
-    from lensflow.prior import Prior
+    from lensflow.prior import make_prior
 
+    prior_name = prior
+    prior = make_prior(prior_name, dtype=torch.float64)  # checks the name first
     obs, sim = _observation_simulator(result.observation, model)
     # The prior box applies in the flux units the flow sampled in (DataConfig.normalize_flux
     # or fit_lenses(normalize_flux=True)): the chain runs there, and its flux parameters are
@@ -324,7 +333,6 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     normalized = result.provenance.get("flux_factor") is not None
     unit = result.provenance["flux_factor"] if normalized else 1.0
     obs = obs.scaled(unit) if normalized else obs
-    prior = Prior(dtype=torch.float64)
     k = FALLBACK_EMCEE["n_walkers"]
     theta = scale_flux(result.samples.theta.double(), unit)
     pick = torch.linspace(0, theta.shape[0] - 1, min(k, theta.shape[0])).long()
@@ -333,17 +341,27 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         g = torch.Generator().manual_seed(seed)
         extra = start[torch.randint(0, start.shape[0], (k - start.shape[0],), generator=g)]
         start = torch.cat([start, extra * (1 + 1e-6 * torch.randn(extra.shape, generator=g))])
-    span = prior.high - prior.low
-    start = torch.minimum(torch.maximum(start, prior.low + 1e-9 * span), prior.high - 1e-9 * span)
+    box = make_prior("default", dtype=torch.float64)  # the training prior
+    span = box.high - box.low
+    start = torch.minimum(torch.maximum(start, box.low + 1e-9 * span), box.high - 1e-9 * span)
     t0 = time.perf_counter()
     # Mode check: the flow may sit in the wrong mode (a short chain started there stays).
     # Optimize from broad prior starts and from 8 flow samples; if the optimum beats every
     # flow start by more than MODE_MARGIN nats, the walkers start around it instead.
     g = torch.Generator().manual_seed(seed)
+    extra = start[torch.linspace(0, k - 1, 8).long()]
     best = optimize_posterior(
-        sim, obs, prior=prior, generator=g, n_steps=n_opt_steps, n_polish_steps=n_opt_steps,
-        extra_starts=start[torch.linspace(0, k - 1, 8).long()],
+        sim, obs, prior=box, generator=g, n_steps=n_opt_steps, n_polish_steps=n_opt_steps,
+        extra_starts=extra,
     )  # fmt: skip
+    if prior_name != "default":
+        # Continue into the wide box from the training box's optimum and the flow starts,
+        # by L-BFGS alone: broad starts and Adam's steps in the wide box's coordinates
+        # land in other modes (a 2.3" Einstein radius came out 2.96" in a test).
+        best = optimize_posterior(
+            sim, obs, prior=prior, generator=g, n_starts=1, n_steps=0, n_polish=3,
+            n_polish_steps=n_opt_steps, extra_starts=torch.cat([best[None], extra]),
+        )  # fmt: skip
     with torch.no_grad():
         logp_flow = float(log_posterior(start, sim, obs, prior).max())
         logp_best = float(log_posterior(best[None], sim, obs, prior)[0])
@@ -365,9 +383,10 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     samples = dataclasses.replace(run.samples, theta=scale_flux(run.samples.theta[keep], 1 / unit),
                                   log_prob=None if lp is None else lp[keep])  # fmt: skip
     diag, image, source = diagnose(result.observation, samples, model,
-                                   normalize_flux=normalized)  # fmt: skip
+                                   normalize_flux=normalized, prior_specs=prior.specs)  # fmt: skip
     record = {
         "method": "emcee",
+        "prior": prior_name,
         "init": init,
         "n_walkers": d.n_walkers,
         "n_burn": d.n_burn,
@@ -548,6 +567,7 @@ def diagnose(
     *,
     n_samples: int = N_DIAGNOSTIC_SAMPLES,
     normalize_flux: bool | None = None,
+    prior_specs: Sequence[ParamSpec] = REGISTRY,
 ) -> tuple[Diagnostics, Tensor, Tensor]:
     """Reliability diagnostics of one lens's posterior (module docstring).
 
@@ -560,6 +580,8 @@ def diagnose(
         normalize_flux: Whether the samples were drawn in normalized flux units
             (``sampling.sample_posteriors``; default: as the model was trained): the
             training-range checks then apply in those units.
+        prior_specs: The priors the samples were confined to, for the prior-edge check
+            (default: the registry's; the training-prior check always uses those).
 
     Returns:
         The diagnostics, the model image at the medians ``(H, W)`` and the unlensed source
@@ -621,7 +643,7 @@ def diagnose(
     outside = outside_prior(scale_flux(median, k), flux_widening=widening)
     if outside:
         reasons.append(f"posterior outside the training prior ({', '.join(outside)})")
-    edge = [n for n in at_prior_edge(scale_flux(theta, k)) if n not in outside]
+    edge = [n for n in at_prior_edge(scale_flux(theta, k), specs=prior_specs) if n not in outside]
     if edge:
         reasons.append(f"posterior piled at the edge of the prior ({', '.join(edge)}): the "
                        "data want values the prior excludes")  # fmt: skip
@@ -670,6 +692,7 @@ def fit_lenses(
     normalize_flux: bool | None = None,
     pad: bool = False,
     control_steps: int | None = None,
+    fallback_prior: str = "default",
 ) -> list[FitResult]:
     """Posteriors and diagnostics of many observed lenses, batched per model.
 
@@ -701,6 +724,8 @@ def fit_lenses(
             fraction enters the diagnostics like any mask.
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (default: the
             control net's; each is one simulator call per sample, docs/feedback.md).
+        fallback_prior: The fallback's prior: ``"default"`` (the training prior) or
+            ``"wide"`` (each parameter's physical range, ``prior.wide_specs``).
 
     Returns:
         One ``FitResult`` per observation, in order.
@@ -713,6 +738,9 @@ def fit_lenses(
         raise ValueError(f"the number of samples must be >= 1, got {n}")
     if fallback not in ("none", "mcmc"):
         raise ValueError(f"fallback must be 'none' or 'mcmc', got {fallback!r}")
+    if fallback_prior not in PRIOR_CHOICES:
+        raise ValueError(f"fallback_prior must be {' or '.join(PRIOR_CHOICES)}, "
+                         f"got {fallback_prior!r}")  # fmt: skip
     m = len(observations)
     seed_list = [seeds + i for i in range(m)] if isinstance(seeds, int) else list(seeds)
     presets = [preset] * m if isinstance(preset, str) else list(preset)
@@ -812,7 +840,8 @@ def fit_lenses(
             for i in idx:
                 r = results[i]
                 if r is not None and not r.diagnostics.reliable:
-                    results[i] = run_fallback(r, trained, seed=seed_list[i])
+                    results[i] = run_fallback(r, trained, seed=seed_list[i],
+                                              prior=fallback_prior)  # fmt: skip
     return [r for r in results if r is not None]
 
 
@@ -833,6 +862,7 @@ def fit_lens(
     normalize_flux: bool | None = None,
     pad: bool = False,
     control_steps: int | None = None,
+    fallback_prior: str = "default",
 ) -> FitResult:
     """Posterior and diagnostics of one observed lens (``fit_lenses`` for one lens).
 
@@ -852,6 +882,7 @@ def fit_lens(
         normalize_flux: Sample in normalized flux units (see ``fit_lenses``).
         pad: Mask the part of the model's field outside the cutout instead of raising.
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (see ``fit_lenses``).
+        fallback_prior: ``"default"`` or ``"wide"`` (see ``fit_lenses``).
 
     Returns:
         The fit result.
@@ -861,7 +892,7 @@ def fit_lens(
                       names=None if name is None else [name], preset=preset, model=model,
                       feedback=feedback, n=n, device=device, n_steps=n_steps,
                       fallback=fallback, normalize_flux=normalize_flux, pad=pad,
-                      control_steps=control_steps)[0]  # fmt: skip
+                      control_steps=control_steps, fallback_prior=fallback_prior)[0]  # fmt: skip
 
 
 def summary_row(samples: PosteriorSamples) -> dict[str, Any]:

@@ -7,6 +7,8 @@ with columns ``params.NAMES``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +16,60 @@ from torch import Tensor
 
 from lensflow.params import REGISTRY, ParamSpec
 
-__all__ = ["Prior"]
+__all__ = ["PRIOR_CHOICES", "Prior", "make_prior", "wide_specs"]
+
+#: Named priors of the samplers that take one (``fit.run_fallback``): the registry's
+#: default (the training prior) and ``wide_specs``.
+PRIOR_CHOICES = ("default", "wide")
+
+
+def wide_specs(
+    specs: Sequence[ParamSpec] = REGISTRY, *, flux_decades: float = 2.0
+) -> tuple[ParamSpec, ...]:
+    """The registry with every prior opened: what a sampler may explore beyond training.
+
+    Uniform priors become uniform on the parameter's physical bounds (``low``, ``high``:
+    Einstein radius 0-10", Sersic radii 0.01-10", indices 0.3-8, ellipticity components
+    +/-0.7, ...); log-uniform ones (the amplitudes, physically 0 to infinity) are widened
+    by ``flux_decades`` decades at each end. The real lenses' best fits that the default
+    prior excludes (lens light amplitudes of 0.5-1.7 for a prior of 5-500, a lens light
+    radius of 3.2" for one up to 2.5"; docs/real-lenses.md) lie inside it.
+
+    Args:
+        specs: The parameter registry.
+        flux_decades: Decades added below and above each log-uniform prior, >= 0.
+
+    Returns:
+        The specs with ``prior_low`` and ``prior_high`` replaced.
+
+    Example:
+        >>> wide = {p.name: p for p in wide_specs()}
+        >>> wide["lens_light_amp"].prior_low, wide["lens_light_r_sersic"].prior_high
+        (0.05, 10.0)
+    """
+    if not (math.isfinite(flux_decades) and flux_decades >= 0):
+        raise ValueError(f"flux_decades must be finite and >= 0, got {flux_decades!r}")
+    f = 10.0**flux_decades
+    return tuple(
+        dataclasses.replace(p, prior_low=p.prior_low / f, prior_high=p.prior_high * f)
+        if p.prior == "loguniform"
+        else dataclasses.replace(p, prior_low=p.low, prior_high=p.high)
+        for p in specs
+    )
+
+
+def make_prior(
+    name: str = "default", *, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Prior:  # fmt: skip
+    """A named prior: ``"default"`` (the registry's) or ``"wide"`` (``wide_specs``).
+
+    Raises:
+        ValueError: For another name (one line naming the choices).
+    """
+    if name not in PRIOR_CHOICES:
+        raise ValueError(f"unknown prior {name!r}; choose {' or '.join(PRIOR_CHOICES)}")
+    return Prior(REGISTRY if name == "default" else wide_specs(), dtype=dtype, device=device)
 
 
 class Prior:

@@ -442,6 +442,50 @@ def test_fallback_mcmc_improves_a_flagged_fit():
     assert fixed.diagnostics.chi2_red_samples < 0.5 * diag.chi2_red_samples
 
 
+def test_fallback_wide_prior_follows_data_the_default_prior_excludes():
+    from lensflow.fit import FitResult, run_fallback
+    from lensflow.prior import Prior, wide_specs
+
+    # An Einstein radius of 2.3" (default prior 0.5-2.0"): the ring pins it, no degeneracy.
+    j = NAMES.index("lens_theta_e")
+    cfg = dataclasses.replace(EUCLID, psf_fwhm_arcsec=0.2)
+    theta = _theta(4)
+    theta[j] = 2.3
+    psf = gaussian_psf(0.2, cfg.pixel_scale_arcsec)
+    clean = LensSimulator(cfg, psf_kernel=psf, dtype=torch.float64)(theta)
+    noise = NoiseModel(background_rms=0.004, exposure_time_s=2000.0)
+    image = noise.sample(clean, generator=torch.Generator().manual_seed(5))
+    obs = Observation(image, noise.sigma(clean), psf, cfg.pixel_scale_arcsec,
+                      torch.ones_like(image, dtype=torch.bool), name="wide")  # fmt: skip
+    model = load_model("euclid")
+    # The flow's answer, pinned at the default prior's edge (as a box-confined fit would be).
+    g = torch.Generator().manual_seed(0)
+    pinned = theta.expand(128, -1).clone()
+    pinned *= 1 + 1e-3 * torch.randn(pinned.shape, generator=g, dtype=torch.float64)
+    pinned[:, j] = 2.0
+    samples = PosteriorSamples(pinned)
+    diag, image_m, source = diagnose(obs, samples, model)
+    assert "piled at the edge of the prior (lens_theta_e)" in diag.reason
+    flagged = FitResult("wide", samples, obs, image_m, source, diag, "euclid", "none", 0, {},
+                        {})  # fmt: skip
+    kw = {"seed": 1, "n_burn": 40, "n_steps": 20, "n_opt_steps": 30}
+    boxed = run_fallback(flagged, model, **kw)
+    wide = run_fallback(flagged, model, prior="wide", **kw)
+    assert boxed.fallback["prior"] == "default" and wide.fallback["prior"] == "wide"
+    assert float(boxed.samples.theta[:, j].max()) <= 2.0  # held by the box
+    assert "piled at the edge of the prior (lens_theta_e" in boxed.diagnostics.reason
+    assert abs(float(wide.samples.theta[:, j].median()) - 2.3) < 0.02  # follows the data
+    assert wide.diagnostics.chi2_red_samples < 0.5 * boxed.diagnostics.chi2_red_samples
+    # Outside the training prior, and said so; but not at the edge of the prior it sampled.
+    assert "outside the training prior (lens_theta_e" in wide.diagnostics.reason
+    assert "piled at the edge" not in wide.diagnostics.reason
+    assert Prior(wide_specs()).log_prob(wide.samples.theta).isfinite().all()
+    with pytest.raises(ValueError, match="unknown prior 'open'; choose default or wide"):
+        run_fallback(flagged, model, prior="open", **kw)
+    with pytest.raises(ValueError, match="fallback_prior must be default or wide, got 'open'"):
+        fit_lens(obs, fallback="mcmc", fallback_prior="open", **N_FAST)
+
+
 def test_cli_coverage_of_a_calibrated_synthetic_run(tmp_path, capsys):
     # 200 "lenses" whose posteriors are calibrated by construction: truth and samples are
     # independent draws around the same centre.

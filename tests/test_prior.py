@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from lensflow.params import REGISTRY, index
@@ -45,3 +46,23 @@ def test_prior_generator_reproducible():
     a = Prior().sample((5,), generator=torch.Generator().manual_seed(3))
     b = Prior().sample((5,), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_wide_prior_contains_the_default_and_stays_physical():
+    from lensflow.params import REGISTRY
+    from lensflow.prior import make_prior, wide_specs
+
+    default, wide = make_prior("default"), make_prior("wide")
+    assert bool((wide.low <= default.low).all() and (wide.high >= default.high).all())
+    for p, w in zip(REGISTRY, wide_specs(), strict=True):
+        assert p.low <= w.prior_low < w.prior_high <= p.high  # physical bounds hold
+        if p.prior == "loguniform":
+            assert w.prior_low == pytest.approx(p.prior_low / 100)
+            assert w.prior_high == pytest.approx(p.prior_high * 100)
+    theta = default.sample((500,), generator=torch.Generator().manual_seed(0))
+    assert wide.log_prob(theta).isfinite().all()  # every default draw is inside
+    assert wide_specs(flux_decades=0)[14].prior_low == REGISTRY[14].prior_low
+    with pytest.raises(ValueError, match="flux_decades must be finite and >= 0"):
+        wide_specs(flux_decades=-1)
+    with pytest.raises(ValueError, match="unknown prior 'open'; choose default or wide"):
+        make_prior("open")
