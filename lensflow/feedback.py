@@ -152,6 +152,26 @@ class ObservedData:
         return ObservedData(self.x[index], take(self.sigma), take(self.mask), key)
 
 
+def _per_group(group: Tensor, fn: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """``fn(g, rows)`` once per distinct ``group`` value, results in the rows' order.
+
+    Args:
+        group: Long tensor ``(B,)``, the group of each row.
+        fn: Maps a group and its row indices ``(n_g,)`` to results ``(n_g, ...)``.
+
+    Returns:
+        The results of all rows, ``(B, ...)``, row ``i`` at position ``i``.
+    """
+    order = torch.argsort(group, stable=True)
+    groups = torch.unique_consecutive(group[order], return_counts=True)
+    parts, start = [], 0
+    for g, count in zip(*groups, strict=True):
+        rows = order[start : start + int(count)]
+        parts.append(fn(int(g), rows))
+        start += int(count)
+    return torch.cat(parts)[torch.argsort(order)]
+
+
 class GaussianCost:
     """Reduced chi^2 of a forward model at ``theta = transform.from_u(u)`` against data.
 
@@ -193,15 +213,8 @@ class GaussianCost:
             return self.forward(theta)
         if key is None:
             raise ValueError("a sequence of forward models needs ObservedData.key per row")
-        # One call per forward model, then the rows are put back in their original order.
-        order = torch.argsort(key, stable=True)
-        groups = torch.unique_consecutive(key[order], return_counts=True)
-        parts, start = [], 0
-        for k, count in zip(*groups, strict=True):
-            rows = order[start : start + int(count)]
-            parts.append(self.forward[int(k)](theta[rows]))
-            start += int(count)
-        return torch.cat(parts)[torch.argsort(order)]
+        forward = self.forward
+        return _per_group(key, lambda k, rows: forward[k](theta[rows]))
 
     def residual(self, u: Tensor, obs: ObservedData) -> Tensor:
         """Normalized residual ``(f(theta) - x) / sigma``, zero on masked data.
@@ -295,14 +308,7 @@ class LensRenderer:
         grid, slot = self.grid[key], self.slot[key]
         if len(self.simulators) == 1:
             return self._render(0, theta, slot)
-        order = torch.argsort(grid, stable=True)
-        groups = torch.unique_consecutive(grid[order], return_counts=True)
-        parts, start = [], 0
-        for g, count in zip(*groups, strict=True):
-            rows = order[start : start + int(count)]
-            parts.append(self._render(int(g), theta[rows], slot[rows]))
-            start += int(count)
-        return torch.cat(parts)[torch.argsort(order)]
+        return _per_group(grid, lambda g, rows: self._render(g, theta[rows], slot[rows]))
 
 
 def lens_cost(
