@@ -407,8 +407,9 @@ class TrainedControl:
         meta: The JSON sidecar.
         path: The JSON sidecar's path.
         chunk_size: Rows per signal evaluation when sampling; ``None``: 1,024 on the CPU,
-            all rows on a GPU (a GPU needs large calls to keep busy; the gradient signal
-            still splits them by the memory bound, ``GaussianCost.max_rows``).
+            on a GPU the memory bound of one differentiated simulator call
+            (``GaussianCost.max_rows``, thousands of rows: a GPU needs large calls to keep
+            busy, and the learned signal's residuals stay within the same memory).
         control_steps: Default solver steps on ``[t_start, 1]`` (``None``: the share of
             ``n_steps``; see ``feedback.sample_feedback``).
     """
@@ -454,8 +455,8 @@ class TrainedControl:
         if self.encoder is not None:
             signal.encoder = self.encoder  # the trained one
         chunk = self.chunk_size
-        if chunk is None and next(base.parameters()).device.type == "cpu":
-            chunk = 1024
+        if chunk is None:  # a GPU's rows by the memory bound of one differentiated call
+            chunk = 1024 if next(base.parameters()).device.type == "cpu" else cost.max_rows
         controlled = ControlledPosterior(
             base, self.control, signal, t_start=self.t_start, n_steps=self.n_steps,
             solver=self.solver, chunk_size=chunk, control_steps=self.control_steps,

@@ -130,7 +130,9 @@ class ObservedData:
         mask: Optional bool tensor, ``(B, *S)`` or ``S`` like ``sigma``; True where the
             datum is used.
         key: Optional long tensor ``(B,)``: which forward model each row belongs to (e.g. one
-            simulator per distinct PSF); ``None`` means a single forward model.
+            simulator per distinct PSF), or for a forward that takes the keys
+            (``LensRenderer``) which pixel grid and PSF; ``None`` means a single forward
+            model.
     """
 
     x: Tensor
