@@ -349,6 +349,7 @@ def _fit_batch(
     plots: bool,
     fallback: str = "none",
     pad: bool = False,
+    fallback_prior: str = "default",
 ) -> list[_Outcome]:
     """Fit a batch in one ``fit_lenses`` call and render its files (the unit of work).
 
@@ -365,13 +366,14 @@ def _fit_batch(
             centers_pix=[t.center_pix for t in tasks],
             centers_radec=[t.center_radec for t in tasks],
             names=[t.id for t in tasks], device=device, fallback=fallback, pad=pad,
+            fallback_prior=fallback_prior,
         )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - one bad lens must not stop the catalog
         if len(tasks) == 1:
             return [_failure(tasks[0].id, err, t0)]
         half = len(tasks) // 2
         kw = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots,
-              "fallback": fallback, "pad": pad}  # fmt: skip
+              "fallback": fallback, "pad": pad, "fallback_prior": fallback_prior}  # fmt: skip
         return _fit_batch(tasks[:half], **kw) + _fit_batch(tasks[half:], **kw)
     share = (time.perf_counter() - t0) / len(tasks)
     outcomes = []
@@ -433,7 +435,8 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / "run.json"
     old = _read_json(path)
     if old is not None:
-        defaults = {"fallback": "none", "pad": False}  # runs written before these settings
+        # Runs written before these settings existed had their defaults.
+        defaults = {"fallback": "none", "pad": False, "fallback_prior": "default"}
         previous = {**defaults, **old.get("settings", {})}
         changed = [k for k in settings if previous.get(k) != settings[k]]
         if changed:
@@ -554,6 +557,7 @@ def run_catalog(
     progress: bool = True,
     fallback: str = "none",
     pad: bool = False,
+    fallback_prior: str = "default",
 ) -> Table:
     """Fit every lens of a catalog, resumably; write per-lens folders and a results table.
 
@@ -577,6 +581,8 @@ def run_catalog(
             ``emcee`` and ``fallback_converged`` whether its chain reached 50 tau.
         pad: Mask the part of a model's field that reaches beyond a cutout instead of
             failing the lens (``fit.fit_lenses(pad=True)``).
+        fallback_prior: The fallback's prior, ``"default"`` (the training prior) or
+            ``"wide"`` (``fit.run_fallback(prior="wide")``).
 
     Returns:
         The results table (also written to ``out/results.ecsv`` and ``.fits``), with
@@ -600,6 +606,8 @@ def run_catalog(
         raise ValueError(f"unknown preset {preset!r}; use auto or one of {', '.join(PRESETS)}")
     if fallback not in ("none", "mcmc"):
         raise ValueError(f"unknown fallback {fallback!r}; choose none or mcmc")
+    if fallback_prior not in ("default", "wide"):
+        raise ValueError(f"unknown fallback prior {fallback_prior!r}; choose default or wide")
     if n < 1 or (batch_size is not None and batch_size < 1) or n_workers < 1:
         raise ValueError(f"n, batch_size and workers must be >= 1 (got {n}, {batch_size}, "
                          f"{n_workers})")  # fmt: skip
@@ -611,7 +619,7 @@ def run_catalog(
     out.mkdir(parents=True, exist_ok=True)
     settings = {"n": n, "feedback": feedback, "seed": seed, "preset": preset,
                 "model": None if model is None else str(model), "fallback": fallback,
-                "pad": pad}  # fmt: skip
+                "pad": pad, "fallback_prior": fallback_prior}  # fmt: skip
     _check_settings(out, settings)
     base = Path(catalog.meta.get("catalog_path", "catalog")).parent
     lenses = []
@@ -632,7 +640,7 @@ def run_catalog(
                 shutil.rmtree(out / "lenses" / lens.id, ignore_errors=True)
     counts = {"ok": 0, "failed": 0}
     options = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots,
-               "fallback": fallback, "pad": pad}  # fmt: skip
+               "fallback": fallback, "pad": pad, "fallback_prior": fallback_prior}  # fmt: skip
     from tqdm import tqdm
 
     with tqdm(total=len(lenses), initial=len(done), unit="lens", desc="catalog",

@@ -432,6 +432,7 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         preset=args.preset, model=args.model, batch_size=args.batch_size, scheduler=scheduler,
         n_workers=args.workers, device=args.device, plots=not args.no_plots,
         progress=not args.quiet, fallback=args.fallback, pad=args.pad,
+        fallback_prior=args.fallback_prior,
     )  # fmt: skip
     m = table.meta
     ok = table["status"] == "ok"
@@ -833,6 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
                    help="re-run lenses flagged unreliable with emcee on the same likelihood, "
                    "started from the flow posterior (default: none)")  # fmt: skip
+    p.add_argument("--fallback-prior", default="default", choices=["default", "wide"],
+                   help="the fallback's prior: the training prior (default), or wide: each "
+                   "parameter's physical range (as for lensflow fit)")  # fmt: skip
     p.add_argument("--pad", action="store_true",
                    help="where a model's field reaches beyond a cutout, mask the missing pixels "
                    "instead of failing the lens (they count in the masked fraction)")  # fmt: skip
