@@ -62,7 +62,7 @@ from lensflow.feedback import (
     signal_calls_per_sample,
     tensor_batches,
 )
-from lensflow.metrics import interval_coverage
+from lensflow.metrics import interval_coverage, tarp_coverage
 from lensflow.params import NAMES
 
 
@@ -88,6 +88,10 @@ def score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, chunk,
     chi2 = torch.nan_to_num(chi2, nan=float("inf"))
     extra = {"per_lens_chi2_mean": chi2.mean(0).tolist()} if per_lens else {}
     cov = interval_coverage(theta, truth, levels=(0.68, 0.95)).coverage.mean(dim=1)
+    # Joint coverage (TARP) in the flow's standardized space, as scripts/evaluate_model.py.
+    u_truth = cost.transform.to_u(truth.to(u))
+    tarp = tarp_coverage(u.double(), u_truth.double(), levels=(0.68, 0.95),
+                         generator=torch.Generator().manual_seed(0)).coverage  # fmt: skip
     mean = theta.mean(0)
     rel = ((mean[:, 0] - truth[:, 0]).abs() / truth[:, 0]).median()
     n_lenses = truth.shape[0]
@@ -100,6 +104,8 @@ def score(name, theta, u, truth, chi2_truth, cost, obs, seconds, calls, chunk,
         "theta_e_rel_error_median": float(rel),
         "coverage68": float(cov[0]),
         "coverage95": float(cov[1]),
+        "tarp_coverage68": float(tarp[0]),
+        "tarp_coverage95": float(tarp[1]),
         "sampling_s": seconds,
         "s_per_lens": seconds / n_lenses,
         "simulator_calls_per_sample": calls,
@@ -210,9 +216,10 @@ def evaluate(args: argparse.Namespace) -> None:
     print(
         "| variant | sampler | mean / median χ²_r (obs PSF) | excess cut (mean / median) | "
         "mean / median χ²_r (exact) | excess cut (mean / median) | param error (u) | "
-        "θ_E error (arcsec) | coverage 68% / 95% | s per lens | calls per sample |"
+        "θ_E error (arcsec) | coverage 68% / 95% | TARP 68% / 95% | s per lens | "
+        "calls per sample |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         c1 = cut(r, "excess_cut_chi2_mean", "excess_cut_chi2_median")
         c2 = cut(r, "excess_cut_chi2_exact_mean", "excess_cut_chi2_exact_median")
@@ -220,7 +227,8 @@ def evaluate(args: argparse.Namespace) -> None:
               f"{r['chi2_median']:.2f} | {c1} | {r['chi2_exact_mean']:.2f} / "
               f"{r['chi2_exact_median']:.2f} | {c2} | {r['param_error_u_mean']:.3f} | "
               f"{r['theta_e_abs_error_median_arcsec']:.4f} | {r['coverage68']:.3f} / "
-              f"{r['coverage95']:.3f} | {r['s_per_lens']:.2f} | "
+              f"{r['coverage95']:.3f} | {r['tarp_coverage68']:.3f} / "
+              f"{r['tarp_coverage95']:.3f} | {r['s_per_lens']:.2f} | "
               f"{r['simulator_calls_per_sample']} |")  # fmt: skip
     if args.json:
         record = {"args": vars(args), "truth": truths, "masks": masks, "results": results}
