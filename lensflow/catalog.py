@@ -60,6 +60,7 @@ from lensflow import __version__
 from lensflow.config import PRESETS
 from lensflow.observation import Observation, load_observation
 from lensflow.params import REGISTRY
+from lensflow.prior import PRIOR_CHOICES
 
 if TYPE_CHECKING:
     from lensflow.fit import FitResult
@@ -606,8 +607,9 @@ def run_catalog(
         raise ValueError(f"unknown preset {preset!r}; use auto or one of {', '.join(PRESETS)}")
     if fallback not in ("none", "mcmc"):
         raise ValueError(f"unknown fallback {fallback!r}; choose none or mcmc")
-    if fallback_prior not in ("default", "wide"):
-        raise ValueError(f"unknown fallback prior {fallback_prior!r}; choose default or wide")
+    if fallback_prior not in PRIOR_CHOICES:
+        raise ValueError(f"unknown fallback prior {fallback_prior!r}; choose "
+                         f"{' or '.join(PRIOR_CHOICES)}")  # fmt: skip
     if n < 1 or (batch_size is not None and batch_size < 1) or n_workers < 1:
         raise ValueError(f"n, batch_size and workers must be >= 1 (got {n}, {batch_size}, "
                          f"{n_workers})")  # fmt: skip

@@ -341,7 +341,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         g = torch.Generator().manual_seed(seed)
         extra = start[torch.randint(0, start.shape[0], (k - start.shape[0],), generator=g)]
         start = torch.cat([start, extra * (1 + 1e-6 * torch.randn(extra.shape, generator=g))])
-    box = make_prior("default", dtype=torch.float64)  # the training prior
+    # The training prior: the flow's samples are clamped into it, the mode check starts there.
+    box = prior if prior_name == "default" else make_prior("default", dtype=torch.float64)
     span = box.high - box.low
     start = torch.minimum(torch.maximum(start, box.low + 1e-9 * span), box.high - 1e-9 * span)
     t0 = time.perf_counter()
