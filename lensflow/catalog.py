@@ -582,8 +582,8 @@ def run_catalog(
             ``emcee`` and ``fallback_converged`` whether its chain reached 50 tau.
         pad: Mask the part of a model's field that reaches beyond a cutout instead of
             failing the lens (``fit.fit_lenses(pad=True)``).
-        fallback_prior: The fallback's prior, ``"default"`` (the training prior) or
-            ``"wide"`` (``fit.run_fallback(prior="wide")``).
+        fallback_prior: The fallback's prior, ``"default"`` (the model's training prior),
+            ``"broad"`` or ``"wide"`` (``fit.run_fallback(prior=...)``).
 
     Returns:
         The results table (also written to ``out/results.ecsv`` and ``.fits``), with
@@ -609,7 +609,7 @@ def run_catalog(
         raise ValueError(f"unknown fallback {fallback!r}; choose none or mcmc")
     if fallback_prior not in PRIOR_CHOICES:
         raise ValueError(f"unknown fallback prior {fallback_prior!r}; choose "
-                         f"{' or '.join(PRIOR_CHOICES)}")  # fmt: skip
+                         f"{', '.join(PRIOR_CHOICES)}")  # fmt: skip
     if n < 1 or (batch_size is not None and batch_size < 1) or n_workers < 1:
         raise ValueError(f"n, batch_size and workers must be >= 1 (got {n}, {batch_size}, "
                          f"{n_workers})")  # fmt: skip

@@ -54,7 +54,8 @@ from lensflow.feedback import (
 from lensflow.feedback import save_control as _save_control_files
 from lensflow.flow import FlowPosterior, VectorField
 from lensflow.nn import ImageEncoder
-from lensflow.params import NAMES, REGISTRY, UnconstrainedTransform, unconstrained_stats
+from lensflow.params import NAMES, REGISTRY, ParamSpec, UnconstrainedTransform, unconstrained_stats
+from lensflow.prior import prior_specs
 
 if TYPE_CHECKING:
     from lensflow.observation import Observation
@@ -102,12 +103,19 @@ class TrainedPosterior:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     path: Path | None = None
 
+    @property
+    def prior_specs(self) -> tuple[ParamSpec, ...]:
+        """The registry with the model's training prior (``data.prior``)."""
+        return prior_specs(self.data.prior)
 
-def build_posterior(flow: FlowConfig) -> FlowPosterior:
+
+def build_posterior(flow: FlowConfig, prior: str = "default") -> FlowPosterior:
     """A fresh (untrained) posterior: ``VectorField(ImageEncoder)`` in the unconstrained space.
 
     Args:
         flow: Network and sampling hyper-parameters.
+        prior: The training prior's name (``DataConfig.prior``): the parameters are
+            standardized with its statistics.
 
     Returns:
         The posterior, float32 on CPU, initialized from the global torch RNG.
@@ -122,7 +130,7 @@ def build_posterior(flow: FlowConfig) -> FlowPosterior:
                            n_stages=flow.n_stages)  # fmt: skip
     field = VectorField(len(NAMES), encoder, flow.embed_dim, width=flow.width,
                         n_blocks=flow.n_blocks, time_dim=flow.time_dim)  # fmt: skip
-    return FlowPosterior(field, UnconstrainedTransform(REGISTRY), n_steps=flow.n_steps,
+    return FlowPosterior(field, UnconstrainedTransform(prior_specs(prior)), n_steps=flow.n_steps,
                          solver=flow.solver)  # fmt: skip
 
 
@@ -165,13 +173,21 @@ def save_model(
 
     Returns:
         The path of the JSON sidecar.
+
+    Raises:
+        ValueError: If the posterior standardizes its parameters for another prior than
+            ``model.data.prior`` (``build_posterior(flow, data.prior)`` builds a match).
     """
+    transform = model.posterior.transform
+    if isinstance(transform, UnconstrainedTransform) and transform.specs != model.prior_specs:
+        raise ValueError(f"the posterior was built for another prior than data.prior="
+                         f"{model.data.prior!r}; use build_posterior(flow, data.prior)")  # fmt: skip
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     field = model.posterior.field
     weights = {k: v.detach().cpu().contiguous() for k, v in field.state_dict().items()}
     save_file(weights, str(stem.with_suffix(".safetensors")), metadata={"format": FORMAT})
-    loc, scale = unconstrained_stats(REGISTRY)
+    loc, scale = unconstrained_stats(model.prior_specs)
     sidecar = {
         "format": FORMAT,
         "lensflow_version": __version__,
@@ -283,13 +299,15 @@ def load_model(
         flow = _from_json(FlowConfig, meta["flow"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: bad configuration in sidecar ({err})") from None
-    loc, scale = unconstrained_stats(REGISTRY)
+    loc, scale = unconstrained_stats(prior_specs(data.prior))
     norm = meta.get("normalization", {})
     if not (
         torch.allclose(torch.tensor(norm.get("u_loc", []), dtype=torch.float64), loc)
         and torch.allclose(torch.tensor(norm.get("u_scale", []), dtype=torch.float64), scale)
     ):
-        raise CheckpointError(f"{path}: parameter normalization differs from this registry's")
+        raise CheckpointError(
+            f"{path}: parameter normalization differs from this registry's {data.prior!r} prior"
+        )
     if expected_simulator is not None:
         for key in ("name", "n_pix", "pixel_scale_arcsec", "upsample_factor"):
             have, want = getattr(sim, key), getattr(expected_simulator, key)
@@ -297,7 +315,7 @@ def load_model(
                 raise CheckpointError(
                     f"{path}: trained for simulator {key}={have!r}, but {want!r} was requested"
                 )
-    posterior = build_posterior(flow)
+    posterior = build_posterior(flow, data.prior)
     weights_path = path.with_suffix(".safetensors")
     try:
         weights = load_file(str(weights_path))

@@ -134,6 +134,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = configs.get("data", data_preset(sim.name))
     if args.normalize_flux:
         data = dataclasses.replace(data, normalize_flux=True)
+    if args.prior is not None:
+        data = dataclasses.replace(data, prior=args.prior)
     flow = configs.get("flow", FlowConfig())
     overrides = {"n_steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                  "time_limit_s": args.time_limit}  # fmt: skip
@@ -649,6 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in flux units normalized to each image's background noise "
                    "(DataConfig.normalize_flux): the model is then independent of a cutout's "
                    "flux units")  # fmt: skip
+    p.add_argument("--prior", choices=["default", "broad"],
+                   help="training prior (DataConfig.prior; default: the config's, else the "
+                   "registry's): broad widens the ranges to cover the real reference lenses "
+                   "(docs/training.md)")  # fmt: skip
     p.add_argument("--data", metavar="H5", help="train on a stored simulated set (HDF5)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -754,9 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
                    help="re-run a lens flagged unreliable with emcee on the same likelihood, "
                    "started from the flow posterior (default: none)")  # fmt: skip
-    p.add_argument("--fallback-prior", default="default", choices=["default", "wide"],
-                   help="the fallback's prior: the training prior (default), or wide: each "
-                   "parameter's physical range, amplitudes 100x beyond, for lenses whose "
+    p.add_argument("--fallback-prior", default="default", choices=["default", "broad", "wide"],
+                   help="the fallback's prior: the model's training prior (default), broad "
+                   "(ranges that cover the real reference lenses, docs/training.md), or wide: "
+                   "each parameter's physical range, amplitudes 100x beyond, for lenses whose "
                    "fit piles at the training prior's edge")  # fmt: skip
     p.add_argument("--pad", action="store_true",
                    help="where the model's field reaches beyond the cutout, mask the missing "
@@ -834,9 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
                    help="re-run lenses flagged unreliable with emcee on the same likelihood, "
                    "started from the flow posterior (default: none)")  # fmt: skip
-    p.add_argument("--fallback-prior", default="default", choices=["default", "wide"],
-                   help="the fallback's prior: the training prior (default), or wide: each "
-                   "parameter's physical range (as for lensflow fit)")  # fmt: skip
+    p.add_argument("--fallback-prior", default="default", choices=["default", "broad", "wide"],
+                   help="the fallback's prior: the model's training prior (default), broad or "
+                   "wide (as for lensflow fit)")  # fmt: skip
     p.add_argument("--pad", action="store_true",
                    help="where a model's field reaches beyond a cutout, mask the missing pixels "
                    "instead of failing the lens (they count in the masked fraction)")  # fmt: skip

@@ -159,6 +159,10 @@ class DataConfig:
             noise model). A model trained so is exactly independent of a cutout's flux
             units, and sampling normalizes each observation the same way
             (``data.flux_factor``). False (the models shipped so far) keeps absolute units.
+        prior: The training prior, a name of ``prior.PRIOR_CHOICES``: ``"default"`` (the
+            registry's; the models shipped so far) or ``"broad"`` (``prior.broad_specs``,
+            which covers the real reference lenses). It also sets the standardization of
+            the parameters the network sees (``params.UnconstrainedTransform``).
     """
 
     psf_fwhm_min_arcsec: float = 0.16
@@ -171,8 +175,15 @@ class DataConfig:
     mask_probability: float = 0.0
     mask_max_fraction: float = 0.15
     normalize_flux: bool = False
+    prior: str = "default"
 
     def __post_init__(self) -> None:
+        from lensflow.prior import PRIOR_CHOICES  # config itself imports no lensflow module
+
+        if self.prior not in PRIOR_CHOICES:
+            raise ValueError(
+                f"DataConfig.prior={self.prior!r} is invalid; choose {', '.join(PRIOR_CHOICES)}"
+            )
         checks = {
             "mask_probability": 0.0 <= self.mask_probability <= 1.0,
             "mask_max_fraction": 0.0 < self.mask_max_fraction < 1.0,

@@ -48,7 +48,7 @@ from torch import Tensor
 from lensflow.config import DataConfig, SimulatorConfig
 from lensflow.observation import Observation, kernel_fwhm_pix
 from lensflow.params import NAMES, scale_flux
-from lensflow.prior import Prior
+from lensflow.prior import Prior, make_prior
 from lensflow.simulator import LensSimulator, gaussian_psf, pool_psf
 
 __all__ = [
@@ -402,7 +402,7 @@ class SimulatedPairs:
         simulator: Pixel grid and supersampling (its PSF and noise fields are replaced by
             the ``data`` ranges).
         data: PSF and noise ranges.
-        prior: Prior over ``theta`` (default: the registry's default prior).
+        prior: Prior over ``theta`` (default: ``data.prior``, the training prior).
         dtype: Floating dtype of the simulation.
         device: Device of the simulation and of the returned tensors.
 
@@ -426,7 +426,7 @@ class SimulatedPairs:
     ) -> None:
         self.simulator_config = simulator
         self.data_config = data
-        self.prior = prior or Prior(dtype=dtype, device=device)
+        self.prior = prior or make_prior(data.prior, dtype=dtype, device=device)
         self.device = torch.device(device)
         self.dtype = dtype
         n = data.n_psf_grid

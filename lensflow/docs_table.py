@@ -1,6 +1,7 @@
 """Documentation generated from code (never hand-written): the registry table and the CLI.
 
 ``python -m lensflow.docs_table`` prints the registry table for docs/conventions.md;
+``python -m lensflow.docs_table priors`` the named priors' table for docs/training.md;
 ``python -m lensflow.docs_table cli`` prints the command-line reference, docs/cli.md.
 tests/test_docs.py checks that the docs contain exactly this text. ``replace_block`` puts
 generated text between two markers of a Markdown file (benchmark tables).
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from lensflow.params import REGISTRY, ParamSpec
 
-__all__ = ["cli_markdown", "registry_markdown", "replace_block"]
+__all__ = ["cli_markdown", "priors_markdown", "registry_markdown", "replace_block"]
 
 
 def replace_block(path: str | Path, block: str, *, start: str, end: str) -> Path:
@@ -72,6 +73,27 @@ def registry_markdown(specs: Sequence[ParamSpec] = REGISTRY) -> str:
     return "\n".join(rows) + "\n"
 
 
+def priors_markdown() -> str:
+    """The named priors (``prior.PRIOR_CHOICES``) where they differ from the default.
+
+    Returns:
+        Markdown text, one row per parameter whose range differs in some named prior: its
+        family and each prior's ``[low, high]``.
+    """
+    from lensflow.prior import PRIOR_CHOICES, prior_specs
+
+    table = {name: prior_specs(name) for name in PRIOR_CHOICES}
+    rows = ["| name | family | " + " | ".join(PRIOR_CHOICES) + " |",
+            "|---|---|" + "---|" * len(PRIOR_CHOICES)]  # fmt: skip
+    for i, p in enumerate(REGISTRY):
+        ranges = [(s[i].prior_low, s[i].prior_high) for s in table.values()]
+        if len(set(ranges)) == 1:
+            continue
+        cells = " | ".join(f"[{lo:g}, {hi:g}]" for lo, hi in ranges)
+        rows.append(f"| `{p.name}` | {p.prior} | {cells} |")
+    return "\n".join(rows) + "\n"
+
+
 def _option_row(action: argparse.Action) -> str:
     if action.option_strings:
         names = ", ".join(f"`{o}`" for o in action.option_strings)
@@ -119,4 +141,7 @@ def cli_markdown() -> str:
 if __name__ == "__main__":
     import sys
 
-    print(cli_markdown() if sys.argv[1:] == ["cli"] else registry_markdown(), end="")
+    what = {"cli": cli_markdown, "priors": priors_markdown}.get(
+        sys.argv[1] if sys.argv[1:] else ""
+    )
+    print((what or registry_markdown)(), end="")

@@ -120,8 +120,9 @@ def outside_prior(
     tolerance: float = RELIABILITY["prior_tolerance"],
     *,
     flux_widening: float = 1.0,
+    specs: Sequence[ParamSpec] = REGISTRY,
 ) -> list[str]:
-    """Registry names whose posterior median lies outside the default prior (training) range.
+    """Registry names whose posterior median lies outside the training prior's range.
 
     Args:
         median: Posterior medians, shape ``(21,)``, physical units (``params.NAMES`` order).
@@ -131,6 +132,8 @@ def outside_prior(
             tolerance): what a model sampling in normalized flux units covers, since
             amplitudes drawn over ``[low, high]`` at noise levels spanning a factor ``w^2``
             around ``reference_rms`` reach that range once expressed at ``reference_rms``.
+        specs: The registry with the training prior (default: the default prior; a model's
+            ``TrainedPosterior.prior_specs``).
 
     Returns:
         The names, in registry order (empty when all medians are inside).
@@ -143,7 +146,7 @@ def outside_prior(
         ['lens_theta_e']
     """
     names = []
-    for spec, value in zip(REGISTRY, median.tolist(), strict=True):
+    for spec, value in zip(specs, median.tolist(), strict=True):
         lo, hi, v = spec.prior_low, spec.prior_high, value
         if spec.name in FLUX_NAMES:
             lo, hi = lo / flux_widening, hi * flux_widening
@@ -292,7 +295,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     """Re-run a lens with emcee on the same likelihood, started from its flow posterior.
 
     The likelihood is the feedback's: the lensflow simulator on the cut observation's grid
-    with its PSF, noise map and mask, in float64; the prior is the registry's default, or
+    with its PSF, noise map and mask, in float64; the prior is the model's training prior
+    (``prior="default"``), another named prior (``"broad"``: ``prior.broad_specs``), or
     with ``prior="wide"`` each parameter's physical range (``prior.wide_specs``), for lenses
     whose best fit the training prior excludes (the flag's "piled at the edge" reason).
     The 64 walkers start at distinct flow samples, unless a multi-start optimizer (broad
@@ -308,7 +312,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         n_steps: Kept steps per walker (default ``FALLBACK_EMCEE``).
         n_opt_steps: Adam steps, and L-BFGS iterations per polished point, of the mode
             check's optimizer.
-        prior: ``"default"`` or ``"wide"`` (``prior.PRIOR_CHOICES``).
+        prior: ``"default"`` (the model's training prior), ``"broad"`` or ``"wide"``
+            (``prior.PRIOR_CHOICES``).
 
     Returns:
         The fit with emcee's samples (``method="emcee"``), fresh diagnostics and
@@ -324,7 +329,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     )
     from lensflow.prior import make_prior
 
-    prior_name = prior
+    training = model.data.prior
+    prior_name = training if prior == "default" else prior
     prior = make_prior(prior_name, dtype=torch.float64)  # checks the name first
     obs, sim = _observation_simulator(result.observation, model)
     # The prior box applies in the flux units the flow sampled in (DataConfig.normalize_flux
@@ -342,7 +348,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         extra = start[torch.randint(0, start.shape[0], (k - start.shape[0],), generator=g)]
         start = torch.cat([start, extra * (1 + 1e-6 * torch.randn(extra.shape, generator=g))])
     # The training prior: the flow's samples are clamped into it, the mode check starts there.
-    box = prior if prior_name == "default" else make_prior("default", dtype=torch.float64)
+    box = prior if prior_name == training else make_prior(training, dtype=torch.float64)
     span = box.high - box.low
     start = torch.minimum(torch.maximum(start, box.low + 1e-9 * span), box.high - 1e-9 * span)
     t0 = time.perf_counter()
@@ -355,8 +361,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         sim, obs, prior=box, generator=g, n_steps=n_opt_steps, n_polish_steps=n_opt_steps,
         extra_starts=extra,
     )  # fmt: skip
-    if prior_name != "default":
-        # Continue into the wide box from the training box's optimum and the flow starts,
+    if prior_name != training:
+        # Continue into the wider box from the training box's optimum and the flow starts,
         # by L-BFGS alone: broad starts and Adam's steps in the wide box's coordinates
         # land in other modes (a 2.3" Einstein radius came out 2.96" in a test).
         best = optimize_posterior(
@@ -568,7 +574,7 @@ def diagnose(
     *,
     n_samples: int = N_DIAGNOSTIC_SAMPLES,
     normalize_flux: bool | None = None,
-    prior_specs: Sequence[ParamSpec] = REGISTRY,
+    prior_specs: Sequence[ParamSpec] | None = None,
 ) -> tuple[Diagnostics, Tensor, Tensor]:
     """Reliability diagnostics of one lens's posterior (module docstring).
 
@@ -582,7 +588,8 @@ def diagnose(
             (``sampling.sample_posteriors``; default: as the model was trained): the
             training-range checks then apply in those units.
         prior_specs: The priors the samples were confined to, for the prior-edge check
-            (default: the registry's; the training-prior check always uses those).
+            (default: the model's training prior, ``model.prior_specs``; the
+            training-prior check always uses that one).
 
     Returns:
         The diagnostics, the model image at the medians ``(H, W)`` and the unlensed source
@@ -641,10 +648,11 @@ def diagnose(
                        f"was {what})")  # fmt: skip
     k = flux_factor(obs, d.reference_rms) if normalize_flux else 1.0
     widening = math.sqrt(d.background_rms_max / d.background_rms_min) if normalize_flux else 1.0
-    outside = outside_prior(scale_flux(median, k), flux_widening=widening)
+    outside = outside_prior(scale_flux(median, k), flux_widening=widening, specs=model.prior_specs)
     if outside:
         reasons.append(f"posterior outside the training prior ({', '.join(outside)})")
-    edge = [n for n in at_prior_edge(scale_flux(theta, k), specs=prior_specs) if n not in outside]
+    confined = model.prior_specs if prior_specs is None else prior_specs
+    edge = [n for n in at_prior_edge(scale_flux(theta, k), specs=confined) if n not in outside]
     if edge:
         reasons.append(f"posterior piled at the edge of the prior ({', '.join(edge)}): the "
                        "data want values the prior excludes")  # fmt: skip
@@ -725,8 +733,9 @@ def fit_lenses(
             fraction enters the diagnostics like any mask.
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (default: the
             control net's; each is one simulator call per sample, docs/feedback.md).
-        fallback_prior: The fallback's prior: ``"default"`` (the training prior) or
-            ``"wide"`` (each parameter's physical range, ``prior.wide_specs``).
+        fallback_prior: The fallback's prior: ``"default"`` (the model's training prior),
+            ``"broad"`` (``prior.broad_specs``) or ``"wide"`` (each parameter's physical
+            range, ``prior.wide_specs``).
 
     Returns:
         One ``FitResult`` per observation, in order.
@@ -740,7 +749,7 @@ def fit_lenses(
     if fallback not in ("none", "mcmc"):
         raise ValueError(f"fallback must be 'none' or 'mcmc', got {fallback!r}")
     if fallback_prior not in PRIOR_CHOICES:
-        raise ValueError(f"fallback_prior must be {' or '.join(PRIOR_CHOICES)}, "
+        raise ValueError(f"fallback_prior must be one of {', '.join(PRIOR_CHOICES)}, "
                          f"got {fallback_prior!r}")  # fmt: skip
     m = len(observations)
     seed_list = [seeds + i for i in range(m)] if isinstance(seeds, int) else list(seeds)
@@ -883,7 +892,7 @@ def fit_lens(
         normalize_flux: Sample in normalized flux units (see ``fit_lenses``).
         pad: Mask the part of the model's field outside the cutout instead of raising.
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (see ``fit_lenses``).
-        fallback_prior: ``"default"`` or ``"wide"`` (see ``fit_lenses``).
+        fallback_prior: ``"default"``, ``"broad"`` or ``"wide"`` (see ``fit_lenses``).
 
     Returns:
         The fit result.

@@ -17,7 +17,8 @@ Conventions (stated once in docs/conventions.md, pinned by tests/test_params.py)
   +y up along image rows (``image[row = y, col = x]``, plot with ``origin="lower"``).
 * The networks see ``u = to_unconstrained(theta)``: each bounded parameter is mapped to R
   by a scaled logit of its physical bounds (a log for one-sided bounds) and then
-  standardized with the mean and standard deviation of the default prior in that space.
+  standardized with the mean and standard deviation of the prior in that space: the
+  default prior's, or a model's training prior's (``DataConfig.prior``, ``prior_specs``).
 
 A second model (EPL mass with a slope) is added as another tuple of ``ParamSpec`` plus its
 caustics builder in ``simulator``; every function here takes ``specs`` and works unchanged.

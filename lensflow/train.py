@@ -358,7 +358,7 @@ def train_model(
                       generator=torch.Generator(device).manual_seed(2**31 - 1 - config.seed))  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        posterior = build_posterior(flow)
+        posterior = build_posterior(flow, data.prior)
     posterior.to(device)
     loss = FlowMatchingLoss(posterior.field, sigma_min=flow.sigma_min, alpha=flow.alpha,
                             times_per_example=config.times_per_example)  # fmt: skip

@@ -51,6 +51,7 @@ from lensflow.config import data_preset
 from lensflow.data import Pairs, SimulatedPairs
 from lensflow.metrics import interval_coverage, tarp_coverage
 from lensflow.params import REGISTRY
+from lensflow.prior import PRIOR_CHOICES
 from lensflow.simulator import chi2
 from lensflow.solvers import SOLVERS
 from lensflow.train import device_description
@@ -164,7 +165,7 @@ def evaluate(
     split = {name: interval_coverage(theta[:, m], truth[m], levels=(0.68,)).coverage[0]
              for name, m in subsets.items() if name != "all"}  # fmt: skip
     mean, std = theta.mean(0), theta.std(0)
-    prior_std = torch.tensor([(q.prior_high - q.prior_low) / 12**0.5 for q in REGISTRY])
+    prior_std = torch.tensor([(q.prior_high - q.prior_low) / 12**0.5 for q in model.prior_specs])
     print(f"\n## {label}: {test.theta.shape[0]} lenses x {args.n_samples} samples, "
           f"{args.n_steps} {args.solver or model.flow.solver} steps, sampling {seconds:.1f} s, "
           f"chi2 ({n_k} samples per lens) {chi2_seconds:.1f} s; 68% stderr "
@@ -233,6 +234,10 @@ def main() -> None:
                    help="draw the test lenses from this preset's PSF and depth ranges instead "
                    "of the model's own (e.g. a model trained over a wider depth range, "
                    "tested on the standard one)")  # fmt: skip
+    p.add_argument("--test-prior", choices=PRIOR_CHOICES,
+                   help="draw the test lenses' parameters from this prior (default: the "
+                   "model's training prior), e.g. default to compare a broad-prior model with "
+                   "the shipped ones on their own lenses")  # fmt: skip
     p.add_argument("--mask-probability", type=float, default=0.0,
                    help="fraction of test lenses with random likelihood masks (default 0: "
                    "unmasked, whatever the model was trained with)")  # fmt: skip
@@ -256,6 +261,7 @@ def main() -> None:
         ):
             p.error(f"--test-data {args.test_data}: reference_rms {data.reference_rms:.4g} differs "
                     f"from the normalized model's {model.data.reference_rms:.4g}")  # fmt: skip
+    data = dataclasses.replace(data, prior=args.test_prior or model.data.prior)
     source = SimulatedPairs(model.simulator, data)
     start = time.perf_counter()
     test = source.sample(args.n_lenses, generator=torch.Generator().manual_seed(args.seed))

@@ -62,6 +62,9 @@ def main() -> None:
                    help="widen the preset's background-RMS range by F at each end, about its "
                    "geometric middle (reference_rms unchanged); with --normalize-flux this "
                    "widens the amplitude-to-noise range the model learns by F each way")  # fmt: skip
+    p.add_argument("--prior", default="default", choices=["default", "broad"],
+                   help="training prior (DataConfig.prior): broad covers the real reference "
+                   "lenses (prior.BROAD_RANGES)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stop-at-step", type=int, default=None)
@@ -81,7 +84,7 @@ def main() -> None:
             p.error(f"--mask-max-fraction {args.mask_max_fraction} must be in (0, 1)")
         base = dataclasses.replace(base, mask_max_fraction=args.mask_max_fraction)
     data = dataclasses.replace(base, mask_probability=args.mask_probability,
-                               normalize_flux=args.normalize_flux,
+                               normalize_flux=args.normalize_flux, prior=args.prior,
                                background_rms_min=base.background_rms_min / args.rms_range_factor,
                                background_rms_max=base.background_rms_max * args.rms_range_factor)  # fmt: skip
     flow = FlowConfig(base_channels=args.base_channels, width=args.width,

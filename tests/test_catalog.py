@@ -243,7 +243,9 @@ def test_run_catalog_refuses_other_settings_in_same_folder(tmp_path, one_thread)
     with pytest.raises(ValueError, match="holds a catalog run with fallback_prior='default'"):
         run_catalog(path, tmp_path / "o", n=50, plots=False, progress=False,
                     fallback_prior="wide")  # fmt: skip
-    with pytest.raises(ValueError, match="unknown fallback prior 'open'; choose default or wide"):
+    with pytest.raises(
+        ValueError, match="unknown fallback prior 'open'; choose default, broad, wide"
+    ):
         run_catalog(path, tmp_path / "p", n=50, plots=False, progress=False,
                     fallback_prior="open")  # fmt: skip
     again = run_catalog(path, tmp_path / "o", n=50, plots=False, progress=False)

@@ -124,3 +124,43 @@ def test_control_checkpoint_round_trip_and_refusals(tmp_path):
         load_control(meta_path, other)
     (tmp_path / "other-learned.json").write_text(meta_path.read_text())
     assert available_feedback(other) == ()
+
+
+def test_broad_prior_checkpoint_round_trips_with_its_own_normalization(tmp_path):
+    from lensflow.params import unconstrained_stats
+    from lensflow.prior import broad_specs
+
+    data = DataConfig(prior="broad")
+    model = TrainedPosterior(build_posterior(TINY_FLOW, "broad"), TINY, data, TINY_FLOW)
+    path = save_model(tmp_path / "m", model)
+    meta = json.loads(path.read_text())
+    loc, scale = unconstrained_stats(broad_specs())
+    assert meta["data"]["prior"] == "broad" and meta["normalization"]["u_loc"] == loc.tolist()
+    assert meta["normalization"]["u_scale"] == scale.tolist()
+    loaded = load_model(path)
+    assert loaded.data.prior == "broad" and loaded.prior_specs == broad_specs()
+    # The same physical point standardizes differently under the two priors.
+    theta = torch.tensor([[1.0, 0.4, 0.0, 0.0, 0.0, 0.2, 0.0, 1.0, 0.2, 1.0, 0.5, 0.0, 0.0, 0.0,
+                           1.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # fmt: skip
+    u_broad = loaded.posterior.transform.to_u(theta)
+    u_default = build_posterior(TINY_FLOW).transform.to_u(theta)
+    assert not torch.allclose(u_broad, u_default)
+    torch.testing.assert_close(loaded.posterior.transform.from_u(u_broad), theta)
+    x = torch.randn(2, N_CHANNELS, 16, 16)
+    model.posterior.eval()
+    g = lambda: torch.Generator().manual_seed(0)
+    assert torch.equal(model.posterior.sample(x, 4, generator=g()),
+                       loaded.posterior.sample(x, 4, generator=g()))  # fmt: skip
+    # A sidecar whose prior name does not match its normalization is refused, as is a
+    # posterior saved with a data config of another prior.
+    meta["data"]["prior"] = "default"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="differs from this registry's 'default' prior"):
+        load_model(path)
+    meta["data"]["prior"] = "open"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="DataConfig.prior='open' is invalid"):
+        load_model(path)
+    with pytest.raises(ValueError, match="built for another prior"):
+        save_model(tmp_path / "bad", TrainedPosterior(build_posterior(TINY_FLOW), TINY, data,
+                                                      TINY_FLOW))  # fmt: skip

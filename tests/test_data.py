@@ -236,3 +236,18 @@ def test_flux_normalized_pairs_are_the_same_lenses_in_other_units(pairs):
     torch.testing.assert_close(b.x[:, 0], a.x[:, 0], rtol=1e-4, atol=1e-5)
     factors = torch.tensor([flux_factor(o, data.reference_rms) for o in normed.observations(b)])
     torch.testing.assert_close(factors, torch.ones_like(factors), rtol=1e-5, atol=0)
+
+
+def test_simulated_pairs_draw_from_the_training_prior():
+    from lensflow.params import index
+
+    broad = SimulatedPairs(TINY, DataConfig(n_psf_grid=1, prior="broad"))
+    theta = broad.sample(400, generator=torch.Generator().manual_seed(0)).theta
+    amp, gamma = theta[:, index("lens_light_amp")], theta[:, index("shear_gamma1")]
+    # broad: lens light 0.2-500 (log-uniform; 35% below the default's 5), shear +/-0.25
+    assert amp.min() >= 0.2 and amp.max() <= 500 and 0.25 < float((amp < 5).double().mean()) < 0.45
+    assert gamma.abs().max() <= 0.25 and float((gamma.abs() > 0.1).double().mean()) > 0.45
+    default = SimulatedPairs(TINY, DataConfig(n_psf_grid=1)).sample(400).theta
+    assert default[:, index("lens_light_amp")].min() >= 5
+    with pytest.raises(ValueError, match="DataConfig.prior='open' is invalid; choose default"):
+        DataConfig(prior="open")

@@ -17,3 +17,13 @@ def test_cli_reference_is_current():
 
     text = (DOCS / "cli.md").read_text()
     assert cli_markdown() in text, "regenerate with: python scripts/gen_docs.py"
+
+
+def test_training_priors_table_is_current():
+    from lensflow.docs_table import priors_markdown
+
+    table = priors_markdown()
+    assert "| `shear_gamma1` | uniform | [-0.1, 0.1] | [-0.25, 0.25] | [-0.5, 0.5] |" in table
+    assert "`lens_theta_e`" in table  # the wide prior opens it (the broad one does not)
+    text = (DOCS / "training.md").read_text()
+    assert table in text, "regenerate with: python -m lensflow.docs_table priors"

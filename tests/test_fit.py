@@ -274,6 +274,12 @@ def test_diagnostics_flag_posteriors_outside_the_training_prior():
         assert outside_prior(m, flux_widening=2.0) == [], value
     m[NAMES.index("lens_theta_e")] = 2.5  # widening applies to the flux parameters only
     assert outside_prior(m, flux_widening=2.0) == ["lens_theta_e"]
+    # A broad-prior model's own ranges apply (lens light from 0.2; theta_E still 0.5-2").
+    from lensflow.prior import broad_specs
+
+    m[amp] = 1.0
+    assert outside_prior(m) == ["lens_theta_e", "lens_light_amp"]
+    assert outside_prior(m, specs=broad_specs()) == ["lens_theta_e"]
     image, sigma, psf, theta, _ = _mock(seed=4)
     off = theta.clone()
     off[NAMES.index("lens_theta_e")] = 2.5  # prior 0.5-2.0"
@@ -480,9 +486,11 @@ def test_fallback_wide_prior_follows_data_the_default_prior_excludes():
     assert "outside the training prior (lens_theta_e" in wide.diagnostics.reason
     assert "piled at the edge" not in wide.diagnostics.reason
     assert Prior(wide_specs()).log_prob(wide.samples.theta).isfinite().all()
-    with pytest.raises(ValueError, match="unknown prior 'open'; choose default or wide"):
+    with pytest.raises(ValueError, match="unknown prior 'open'; choose default, broad, wide"):
         run_fallback(flagged, model, prior="open", **kw)
-    with pytest.raises(ValueError, match="fallback_prior must be default or wide, got 'open'"):
+    with pytest.raises(
+        ValueError, match="fallback_prior must be one of default, broad, wide, got 'open'"
+    ):
         fit_lens(obs, fallback="mcmc", fallback_prior="open", **N_FAST)
 
 

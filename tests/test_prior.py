@@ -64,5 +64,39 @@ def test_wide_prior_contains_the_default_and_stays_physical():
     assert wide_specs(flux_decades=0)[14].prior_low == REGISTRY[14].prior_low
     with pytest.raises(ValueError, match="flux_decades must be finite and >= 0"):
         wide_specs(flux_decades=-1)
-    with pytest.raises(ValueError, match="unknown prior 'open'; choose default or wide"):
+    with pytest.raises(ValueError, match="unknown prior 'open'; choose default, broad, wide"):
         make_prior("open")
+
+
+def test_broad_prior_contains_the_default_and_covers_the_real_lenses_best_fits():
+    import json
+    from pathlib import Path
+
+    from lensflow.params import NAMES
+    from lensflow.prior import BROAD_RANGES, broad_specs, make_prior, prior_specs
+
+    default, broad = make_prior("default"), make_prior("broad")
+    assert bool((broad.low <= default.low).all() and (broad.high >= default.high).all())
+    assert prior_specs("broad") == broad_specs() and prior_specs("default") == REGISTRY
+    for p, b in zip(REGISTRY, broad_specs(), strict=True):
+        assert p.low <= b.prior_low < b.prior_high <= p.high  # physical bounds hold
+        assert b.prior == p.prior and (p.name in BROAD_RANGES) == (b != p)
+    assert broad.specs[0].prior_low == 0.5 and broad.specs[0].prior_high == 2.0  # theta_E kept
+    # The best fits of our model family to the five real cutouts (the lowest reduced chi^2
+    # of each theta_E profile, docs/real-lenses.md) put 20 values outside the default prior;
+    # the broad prior holds all but SDSSJ2303's lens light e1 of 0.81 (beyond the physical
+    # bound of 0.7).
+    excluded = {("sdssj2303", "lens_light_e1")}
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    outside_default = set()
+    for path in sorted(docs.glob("profile-theta-e-*.json")):
+        system = path.stem.removeprefix("profile-theta-e-")
+        rows = json.loads(path.read_text())["rows"]
+        best = min(rows, key=lambda r: r["reduced_chi2_best"])["theta"]
+        for name, b, p in zip(NAMES, broad_specs(), REGISTRY, strict=True):
+            value = best[name]
+            if not p.prior_low <= value <= p.prior_high:
+                outside_default.add((system, name))
+            if (system, name) not in excluded:
+                assert b.prior_low <= value <= b.prior_high, (system, name, value)
+    assert excluded < outside_default and len(outside_default) == 20

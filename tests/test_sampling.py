@@ -75,9 +75,11 @@ def test_cli_train_and_sample_smoke(tmp_path, capsys):
     )
     run = tmp_path / "run"
     assert main(["train", "--config", str(config), "--out", str(run), "--steps", "3",
-                 "--batch-size", "4", "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+                 "--batch-size", "4", "--device", "cpu", "--quiet", "--prior", "broad"]) == 0  # fmt: skip
     assert (run / "model.safetensors").is_file() and (run / "provenance.json").is_file()
     assert load_model(run).meta["training"]["steps"] == 3
+    assert load_model(run).data.prior == "broad"  # and the resolved config says so
+    assert 'prior = "broad"' in (run / "config.toml").read_text()
     obs = _observation()
     fits_path = write_mock_fits(tmp_path / "lens.fits", obs.image, obs.sigma, obs.psf, TINY)
     assert load_observation(fits_path).shape == (20, 20)
