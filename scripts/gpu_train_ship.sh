@@ -8,6 +8,9 @@
 #     PRESETS=euclid OUT=runs/gpu bash scripts/gpu_train_ship.sh 420 90   # one preset
 #     TRAIN_EXTRA="--normalize-flux --rms-range-factor 3" PRESETS=euclid OUT=runs/gpu \
 #         bash scripts/gpu_train_ship.sh 420 90          # flux-normalized, wider amplitude/noise
+#     TRAIN_EXTRA="--prior broad" EVAL_EXTRA="--test-prior default" OUT=runs/gpu \
+#         bash scripts/gpu_train_ship.sh 420 90          # the broad training prior, evaluated
+#                                                        # on the shipped models' test lenses
 #
 # Both presets train at once on the one GPU, each for TRAIN_S seconds (default 300) with
 # the cosine schedule spread over that time (TrainConfig.time_limit_s); then the control
@@ -30,6 +33,7 @@ OUT=${OUT:-runs/gpu}
 L=runs/gpu_logs
 PRESETS=${PRESETS:-"hst euclid"}
 TRAIN_EXTRA=${TRAIN_EXTRA:-}  # more train_preset.py flags, e.g. --normalize-flux
+EVAL_EXTRA=${EVAL_EXTRA:-}  # more evaluate_model.py flags, e.g. --test-prior default
 HST_CONTINUE_S=${HST_CONTINUE_S:-0}
 T06=${T06:-1}
 has() { case " $PRESETS " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -88,7 +92,7 @@ if has euclid; then
 fi
 for p in $PRESETS; do
     timeout 240 python scripts/evaluate_model.py --model "ship/$p.json" --device cuda \
-        --threads 4 --n-lenses 1000 --n-samples 200 --lens-chunk 250 --test-data "$p" \
+        --threads 4 --n-lenses 1000 --n-samples 200 --lens-chunk 250 --test-data "$p" $EVAL_EXTRA \
         --json "$L/eval_$p.json" >"$L/eval_$p.txt" 2>&1 &
 done
 wait
