@@ -159,7 +159,7 @@ class DataConfig:
             noise model). A model trained so is exactly independent of a cutout's flux
             units, and sampling normalizes each observation the same way
             (``data.flux_factor``). False (the models shipped so far) keeps absolute units.
-        prior: The training prior, a name of ``prior.PRIOR_CHOICES``: ``"default"`` (the
+        prior: The training prior, a name of ``prior.TRAINING_PRIORS``: ``"default"`` (the
             registry's; the models shipped so far) or ``"broad"`` (``prior.broad_specs``,
             which covers the real reference lenses). It also sets the standardization of
             the parameters the network sees (``params.UnconstrainedTransform``).
@@ -178,11 +178,11 @@ class DataConfig:
     prior: str = "default"
 
     def __post_init__(self) -> None:
-        from lensflow.prior import PRIOR_CHOICES  # config itself imports no lensflow module
+        from lensflow.prior import TRAINING_PRIORS  # config itself imports no lensflow module
 
-        if self.prior not in PRIOR_CHOICES:
+        if self.prior not in TRAINING_PRIORS:
             raise ValueError(
-                f"DataConfig.prior={self.prior!r} is invalid; choose {', '.join(PRIOR_CHOICES)}"
+                f"DataConfig.prior={self.prior!r} is invalid; choose {' or '.join(TRAINING_PRIORS)}"
             )
         checks = {
             "mask_probability": 0.0 <= self.mask_probability <= 1.0,

@@ -16,14 +16,18 @@ from torch import Tensor
 
 from lensflow.params import REGISTRY, ParamSpec
 
-__all__ = ["BROAD_RANGES", "PRIOR_CHOICES", "Prior", "broad_specs", "make_prior", "prior_specs",
-           "wide_specs"]  # fmt: skip
+__all__ = ["BROAD_RANGES", "PRIOR_CHOICES", "TRAINING_PRIORS", "Prior", "broad_specs",
+           "make_prior", "prior_specs", "wide_specs"]  # fmt: skip
 
 #: Named priors: the registry's default (the shipped models' training prior), ``broad``
 #: (a training prior that covers the real reference lenses, ``broad_specs``) and ``wide``
 #: (every range opened, for samplers only: ``wide_specs``). A model records the one it was
 #: trained on (``DataConfig.prior``); ``fit.run_fallback`` takes one too.
 PRIOR_CHOICES = ("default", "broad", "wide")
+
+#: The named priors a model may be trained on (``DataConfig.prior``): ``wide`` is not one
+#: (Einstein radii down to 0, amplitudes over eight decades).
+TRAINING_PRIORS = ("default", "broad")
 
 #: ``broad`` prior ranges that differ from the registry's default, ``name: (low, high)``.
 #: Each covers what the best fits of our own model family to the real reference cutouts need

@@ -249,5 +249,8 @@ def test_simulated_pairs_draw_from_the_training_prior():
     assert gamma.abs().max() <= 0.25 and float((gamma.abs() > 0.1).double().mean()) > 0.45
     default = SimulatedPairs(TINY, DataConfig(n_psf_grid=1)).sample(400).theta
     assert default[:, index("lens_light_amp")].min() >= 5
-    with pytest.raises(ValueError, match="DataConfig.prior='open' is invalid; choose default"):
-        DataConfig(prior="open")
+    for name in ("open", "wide"):  # wide is for samplers only
+        with pytest.raises(
+            ValueError, match=f"prior='{name}' is invalid; choose default or broad"
+        ):
+            DataConfig(prior=name)
