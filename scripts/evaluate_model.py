@@ -51,7 +51,7 @@ from lensflow.config import data_preset
 from lensflow.data import Pairs, SimulatedPairs
 from lensflow.metrics import interval_coverage, tarp_coverage
 from lensflow.params import REGISTRY
-from lensflow.prior import PRIOR_CHOICES
+from lensflow.prior import TRAINING_PRIORS
 from lensflow.simulator import chi2
 from lensflow.solvers import SOLVERS
 from lensflow.train import device_description
@@ -234,7 +234,7 @@ def main() -> None:
                    help="draw the test lenses from this preset's PSF and depth ranges instead "
                    "of the model's own (e.g. a model trained over a wider depth range, "
                    "tested on the standard one)")  # fmt: skip
-    p.add_argument("--test-prior", choices=PRIOR_CHOICES,
+    p.add_argument("--test-prior", choices=TRAINING_PRIORS,
                    help="draw the test lenses' parameters from this prior (default: the "
                    "model's training prior), e.g. default to compare a broad-prior model with "
                    "the shipped ones on their own lenses")  # fmt: skip
