@@ -178,8 +178,8 @@ def save_model(
         ValueError: If the posterior standardizes its parameters for another prior than
             ``model.data.prior`` (``build_posterior(flow, data.prior)`` builds a match).
     """
-    transform = model.posterior.transform
-    if isinstance(transform, UnconstrainedTransform) and transform.specs != model.prior_specs:
+    specs, transform = model.prior_specs, model.posterior.transform
+    if isinstance(transform, UnconstrainedTransform) and transform.specs != specs:
         raise ValueError(f"the posterior was built for another prior than data.prior="
                          f"{model.data.prior!r}; use build_posterior(flow, data.prior)")  # fmt: skip
     stem = Path(stem)
@@ -187,7 +187,7 @@ def save_model(
     field = model.posterior.field
     weights = {k: v.detach().cpu().contiguous() for k, v in field.state_dict().items()}
     save_file(weights, str(stem.with_suffix(".safetensors")), metadata={"format": FORMAT})
-    loc, scale = unconstrained_stats(model.prior_specs)
+    loc, scale = unconstrained_stats(specs)
     sidecar = {
         "format": FORMAT,
         "lensflow_version": __version__,

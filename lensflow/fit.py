@@ -648,10 +648,11 @@ def diagnose(
                        f"was {what})")  # fmt: skip
     k = flux_factor(obs, d.reference_rms) if normalize_flux else 1.0
     widening = math.sqrt(d.background_rms_max / d.background_rms_min) if normalize_flux else 1.0
-    outside = outside_prior(scale_flux(median, k), flux_widening=widening, specs=model.prior_specs)
+    training_specs = model.prior_specs
+    outside = outside_prior(scale_flux(median, k), flux_widening=widening, specs=training_specs)
     if outside:
         reasons.append(f"posterior outside the training prior ({', '.join(outside)})")
-    confined = model.prior_specs if prior_specs is None else prior_specs
+    confined = training_specs if prior_specs is None else prior_specs
     edge = [n for n in at_prior_edge(scale_flux(theta, k), specs=confined) if n not in outside]
     if edge:
         reasons.append(f"posterior piled at the edge of the prior ({', '.join(edge)}): the "

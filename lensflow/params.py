@@ -331,7 +331,7 @@ def _from_real(y: Tensor, p: ParamSpec) -> Tensor:
 
 @lru_cache(maxsize=8)
 def unconstrained_stats(specs: tuple[ParamSpec, ...] = REGISTRY) -> tuple[Tensor, Tensor]:
-    """Mean and standard deviation of the default prior in the bounds-transformed space.
+    """Mean and standard deviation of the specs' prior in the bounds-transformed space.
 
     Computed deterministically by the midpoint rule over 20,001 prior quantiles (float64),
     so every process and every checkpoint agrees bit for bit.

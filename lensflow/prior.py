@@ -143,7 +143,9 @@ def prior_specs(name: str = "default") -> tuple[ParamSpec, ...]:
     """
     if name not in PRIOR_CHOICES:
         raise ValueError(f"unknown prior {name!r}; choose {', '.join(PRIOR_CHOICES)}")
-    return {"default": REGISTRY, "broad": broad_specs(), "wide": wide_specs()}[name]
+    if name == "default":
+        return REGISTRY
+    return broad_specs() if name == "broad" else wide_specs()
 
 
 def make_prior(

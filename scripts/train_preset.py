@@ -23,6 +23,7 @@ import sys
 import torch
 
 from lensflow.config import FlowConfig, TrainConfig, data_preset, preset, run_provenance
+from lensflow.prior import TRAINING_PRIORS
 from lensflow.train import train_model
 
 
@@ -62,7 +63,7 @@ def main() -> None:
                    help="widen the preset's background-RMS range by F at each end, about its "
                    "geometric middle (reference_rms unchanged); with --normalize-flux this "
                    "widens the amplitude-to-noise range the model learns by F each way")  # fmt: skip
-    p.add_argument("--prior", default="default", choices=["default", "broad"],
+    p.add_argument("--prior", default="default", choices=TRAINING_PRIORS,
                    help="training prior (DataConfig.prior): broad covers the real reference "
                    "lenses (prior.BROAD_RANGES)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
