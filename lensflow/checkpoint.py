@@ -430,6 +430,7 @@ class TrainedControl:
             busy, and the learned signal's residuals stay within the same memory).
         control_steps: Default solver steps on ``[t_start, 1]`` (``None``: the share of
             ``n_steps``; see ``feedback.sample_feedback``).
+        base_solver: Default solver on ``[0, t_start]`` (``None``: ``solver``).
     """
 
     kind: str
@@ -443,6 +444,7 @@ class TrainedControl:
     path: Path | None = None
     chunk_size: int | None = None
     control_steps: int | None = None
+    base_solver: str | None = None
 
     @property
     def n_parameters(self) -> int:
@@ -451,7 +453,7 @@ class TrainedControl:
         return sum(p.numel() for m in mods for p in m.parameters())
 
     def posterior(
-        self, observations: Sequence[Observation]
+        self, observations: Sequence[Observation], *, compile: bool = False
     ) -> tuple[ControlledPosterior, ObservedData]:
         """The controlled posterior for these observations, and their data rows.
 
@@ -461,6 +463,8 @@ class TrainedControl:
         Args:
             observations: Observations cut to the model's field of view
                 (``cutouts.cut_to_fov``), in the model's dtype and device.
+            compile: Render the feedback through ``torch.compile`` (``feedback.lens_cost``;
+                the first call in a process compiles).
 
         Returns:
             The controlled posterior (sharing the base flow and control net, eval mode) and
@@ -468,7 +472,8 @@ class TrainedControl:
             input.
         """
         base = self.model.posterior
-        cost, data = lens_cost(observations, self.model.simulator, base.transform)
+        cost, data = lens_cost(observations, self.model.simulator, base.transform,
+                               compile=compile)  # fmt: skip
         signal = make_signal(self.kind, cost, base.field.dim, encoder=self.meta.get("encoder"))
         if self.encoder is not None:
             signal.encoder = self.encoder  # the trained one
@@ -478,6 +483,7 @@ class TrainedControl:
         controlled = ControlledPosterior(
             base, self.control, signal, t_start=self.t_start, n_steps=self.n_steps,
             solver=self.solver, chunk_size=chunk, control_steps=self.control_steps,
+            base_solver=self.base_solver,
         )  # fmt: skip
         return controlled.eval(), data
 
@@ -595,4 +601,5 @@ def load_control(name_or_path: str | Path, model: TrainedPosterior) -> TrainedCo
         meta["signal_kind"], control, encoder, model, float(meta["t_start"]),
         int(meta["n_steps"]), str(meta["solver"]), meta, path,
         control_steps=meta.get("control_steps"),  # absent before 2026-11-26: the share
+        base_solver=meta.get("base_solver"),  # absent before 2026-11-27: the solver's
     )  # fmt: skip

@@ -193,7 +193,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     samples = sample_posterior(obs, model, config.n_samples, feedback=control or "none",
                                seed=config.seed, n_steps=config.n_steps, solver=config.solver,
                                normalize_flux=normalize,
-                               control_steps=args.control_steps)  # fmt: skip
+                               control_steps=args.control_steps,
+                               compile=args.compile)  # fmt: skip
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +211,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    "control": None if control is None else str(control.path),
                    "control_status": None if control is None else control.meta.get("status"),
                    "normalize_flux": normalize, "sampling_s": seconds,
-                   "control_steps": args.control_steps}  # fmt: skip
+                   "control_steps": args.control_steps, "compile": args.compile}  # fmt: skip
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     how = "no feedback" if control is None else f"{kind} feedback ({control.path.name})"
     print(f"feedback: {how} [requested: {args.feedback}]; {config.solver}, "
@@ -343,7 +344,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         center_pix=tuple(args.center_pix) if args.center_pix else None,
         center_radec=tuple(args.center) if args.center else None, fallback=args.fallback,
         normalize_flux=args.normalize_flux, pad=args.pad, control_steps=args.control_steps,
-        fallback_prior=args.fallback_prior,
+        fallback_prior=args.fallback_prior, compile=args.compile,
     )  # fmt: skip
     corner = CORNER_PARAMS
     if args.corner_params:
@@ -434,7 +435,7 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         preset=args.preset, model=args.model, batch_size=args.batch_size, scheduler=scheduler,
         n_workers=args.workers, device=args.device, plots=not args.no_plots,
         progress=not args.quiet, fallback=args.fallback, pad=args.pad,
-        fallback_prior=args.fallback_prior,
+        fallback_prior=args.fallback_prior, compile=args.compile,
     )  # fmt: skip
     m = table.meta
     ok = table["status"] == "ok"
@@ -678,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with feedback: steps after t_start, one simulator call per sample each "
                    "(default: the control net's; 4 halves the cost of the default 8, "
                    "docs/feedback.md)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="with feedback: render through torch.compile; the first lens "
+                   "compiles (tens of seconds on a GPU, minutes on a CPU), then feedback is "
+                   "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback: auto (gradient if its control net exists, else "
                    "learned, else none; the default), gradient, learned or none")  # fmt: skip
@@ -755,6 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with feedback: steps after t_start, one simulator call per sample each "
                    "(default: the control net's; 4 halves the cost of the default 8, "
                    "docs/feedback.md)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="with feedback: render through torch.compile; the first lens "
+                   "compiles (tens of seconds on a GPU, minutes on a CPU), then feedback is "
+                   "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
@@ -823,6 +832,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", help="catalog table (ECSV, FITS or CSV)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
     p.add_argument("-n", type=int, default=1000, help="samples per lens (default: 1000)")
+    p.add_argument("--compile", action="store_true",
+                   help="with feedback: render through torch.compile; the first lens "
+                   "compiles (tens of seconds on a GPU, minutes on a CPU), then feedback is "
+                   "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback (default auto: gradient when shipped)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="run seed; each lens's seed is derived "

@@ -313,6 +313,89 @@ class LensRenderer:
         return _per_group(grid, lambda g, rows: self._render(g, theta[rows], slot[rows]))
 
 
+#: Rows of one compiled simulator call (``lens_cost(compile=True)``) per device type: every
+#: call is padded to it, so that one compiled graph serves every batch size.
+COMPILED_ROWS = {"cuda": 1024, "cpu": 32}
+
+#: Compiled simulators, reused across ``lens_cost`` calls: one compilation per grid, kernel
+#: side, dtype and device in a process (a fresh module would be compiled again).
+_COMPILED: dict[tuple, CompiledSimulator] = {}
+_COMPILED_MAX = 8
+
+
+class CompiledSimulator:
+    """A per-row-PSF ``LensSimulator`` run through ``torch.compile`` on fixed-size row chunks.
+
+    ``torch.compile`` fuses the simulator's elementwise work (hundreds of full-grid passes
+    per differentiated call in eager mode) into a few kernels. Each call is split into
+    chunks of ``rows`` rows and the last one is padded (with copies of its first row, no
+    gradient), so one graph of fixed shape serves every batch size: a new row count would
+    compile again (tens of seconds on a GPU, minutes on a CPU).
+
+    Args:
+        config: Pixel grid and supersampling.
+        side: Fine kernel side (odd); ``forward``'s kernels must have it.
+        dtype: Simulation dtype.
+        device: Simulation device.
+        rows: Rows per compiled call (default ``COMPILED_ROWS`` of the device type).
+    """
+
+    def __init__(
+        self, config: SimulatorConfig, side: int, dtype: torch.dtype,
+        device: torch.device | str, rows: int | None = None,
+    ) -> None:  # fmt: skip
+        from lensflow.simulator import LensSimulator
+
+        device = torch.device(device)
+        self.rows = rows or COMPILED_ROWS.get(device.type, COMPILED_ROWS["cpu"])
+        self.simulator = LensSimulator(config, dtype=dtype, device=device, psf_per_row=True,
+                                       psf_side=side, chunk_size=self.rows)  # fmt: skip
+        self._fn = torch.compile(self.simulator, dynamic=False)
+
+    @property
+    def fine_grid_side(self) -> int:
+        """Side, in fine pixels, of the PSF-padded supersampled grid."""
+        return self.simulator.fine_grid_side
+
+    def __call__(self, theta: Tensor, psf: Tensor) -> Tensor:
+        """Images ``(B, H, W)`` for ``theta`` ``(B, 21)`` and fine kernels ``psf`` ``(B, K, K)``."""
+        rows = self.rows
+        parts = []
+        for i in range(0, theta.shape[0], rows):
+            th, ps = theta[i : i + rows], psf[i : i + rows]
+            n = th.shape[0]
+            if n < rows:
+                th = torch.cat([th, th[:1].detach().expand(rows - n, -1)])
+                ps = torch.cat([ps, ps[:1].expand(rows - n, -1, -1)])
+            parts.append(self._fn(th, psf=ps)[:n])
+        return torch.cat(parts)
+
+
+def compiled_simulator(
+    config: SimulatorConfig, side: int, dtype: torch.dtype, device: torch.device | str,
+    rows: int | None = None,
+) -> CompiledSimulator:  # fmt: skip
+    """The process's ``CompiledSimulator`` for this grid, kernel side, dtype and device.
+
+    Args:
+        config: Pixel grid and supersampling (``n_pix``, ``pixel_scale_arcsec``, ...).
+        side: Fine kernel side (odd).
+        dtype: Simulation dtype.
+        device: Simulation device.
+        rows: Rows per compiled call (default ``COMPILED_ROWS`` of the device type).
+
+    Returns:
+        A cached ``CompiledSimulator``: the first call of a new one compiles.
+    """
+    device = torch.device(device)
+    key = (config, side, dtype, str(device), rows)
+    if key not in _COMPILED:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = CompiledSimulator(config, side, dtype, device, rows)
+    return _COMPILED[key]
+
+
 def lens_cost(
     observations: Observation | Sequence[Observation],
     config: SimulatorConfig,
@@ -321,6 +404,7 @@ def lens_cost(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     psf_batching: bool | None = None,
+    compile: bool = False,
 ) -> tuple[GaussianCost, ObservedData]:
     """The lens feedback cost, with simulators built from the observations themselves.
 
@@ -343,6 +427,10 @@ def lens_cost(
             leave the card idle (a batch of 100 euclid lenses x 100 samples: 8.0 s -> 2.5 s
             on an H100); on the CPU the padding and per-row kernel transforms cost more
             than they save (20 lenses x 20 samples: 7.5 s -> 9.5 s; docs/benchmarks.md).
+        compile: Render through ``torch.compile``d simulators (``CompiledSimulator``: one
+            per grid, kernels per row, fixed-size row chunks, cached in the process). The
+            first call compiles (tens of seconds on a GPU, minutes on a CPU); it pays where
+            many calls follow, such as a catalog (docs/benchmarks.md).
 
     Returns:
         The cost (reduced chi^2 over unmasked pixels) and the observed data, one row per
@@ -381,6 +469,20 @@ def lens_cost(
         keys.append(pairs.index((g, slot)))
     if psf_batching is None:
         psf_batching = device.type != "cpu"
+    if compile:  # one compiled per-row-PSF simulator per grid, fixed-size calls
+        sims, stacks, sides = [], [], []
+        for ((n_pix, _), scale), psfs in zip(grids, kernels, strict=True):
+            cfg = dataclasses.replace(config, n_pix=n_pix, pixel_scale_arcsec=scale)
+            fine = [fine_psf(cfg, k) for k in psfs]
+            side = max(f.shape[-1] for f in fine)
+            sim = compiled_simulator(cfg, side, dtype, device)
+            sims.append(sim)
+            stacks.append(torch.stack([pad_psf(f, side) for f in fine]).to(device, dtype))
+            sides.append(sim.fine_grid_side)
+        index = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
+        cost = GaussianCost(LensRenderer(sims, stacks, index[:, 0], index[:, 1]), transform,
+                            max_rows=sims[0].rows)  # fmt: skip
+        return cost, _rows(obs_list, keys, dtype, device)
     if not psf_batching:  # one simulator per grid and PSF, called one after another
         sims = []
         for g, slot in pairs:
@@ -662,12 +764,15 @@ class ControlledPosterior(nn.Module):
             ``n_steps``. The steps on ``[0, t_start]`` are ``n_steps`` minus that share in
             either case, so a smaller ``control_steps`` makes feedback cheaper without
             coarsening the base flow's integration.
+        base_solver: Default solver on ``[0, t_start]``, where only the base flow acts
+            (network evaluations, no simulator calls); ``None``: ``solver``.
     """
 
     def __init__(
         self, base: FlowPosterior, control: ControlNet, signal: ControlSignal, *,
         t_start: float = 0.8, n_steps: int = 200, solver: str = "euler",
         chunk_size: int | None = 4096, control_steps: int | None = None,
+        base_solver: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         if not 0.0 <= t_start < 1.0:
@@ -685,6 +790,9 @@ class ControlledPosterior(nn.Module):
         self.solver = solver
         self.chunk_size = chunk_size
         self.control_steps = _check_control_steps(control_steps)
+        if base_solver is not None:
+            get_solver(base_solver)  # unknown names fail here, not at sampling
+        self.base_solver = base_solver
 
     @property
     def transform(self) -> ParamTransform:
@@ -753,6 +861,7 @@ class ControlledPosterior(nn.Module):
         self, x: Tensor, obs: RowData, n: int, *, n_steps: int | None = None,
         solver: str | None = None, generator: torch.Generator | None = None,
         noise: Tensor | None = None, control_steps: int | None = None,
+        base_solver: str | None = None,
     ) -> Tensor:  # fmt: skip
         """Draw ``n`` posterior samples per observation with feedback, in physical units.
 
@@ -765,13 +874,14 @@ class ControlledPosterior(nn.Module):
             generator: Torch generator for the base noise.
             noise: Base noise ``(n, B, D)`` instead of drawing it.
             control_steps: Steps on ``[t_start, 1]`` (default ``self.control_steps``).
+            base_solver: Solver on ``[0, t_start]`` (default ``self.base_solver``).
 
         Returns:
             ``theta`` samples, shape ``(n, B, D)``.
         """
         return sample_feedback(
             self, x, obs, n, n_steps=n_steps, solver=solver, generator=generator, noise=noise,
-            control_steps=control_steps,
+            control_steps=control_steps, base_solver=base_solver,
         ).theta  # fmt: skip
 
 
@@ -824,6 +934,7 @@ def sample_feedback(
     posterior: ControlledPosterior, x: Tensor, obs: RowData, n: int, *, n_steps: int | None = None,
     solver: str | None = None, generator: torch.Generator | None = None,
     noise: Tensor | None = None, control_steps: int | None = None,
+    base_solver: str | None = None,
 ) -> FeedbackSamples:  # fmt: skip
     """Sample with feedback: the base drift up to ``t_start``, the controlled drift after.
 
@@ -847,6 +958,10 @@ def sample_feedback(
             observation, so a lens's samples do not depend on its batch neighbours).
         control_steps: Steps on ``[t_start, 1]`` (default ``posterior.control_steps``, and
             where that is ``None`` the share of ``n_steps`` above).
+        base_solver: Solver on ``[0, t_start]`` (default ``posterior.base_solver``, and
+            where that is ``None`` the solver of the controlled segment). The base segment
+            costs network evaluations only: a second-order solver there (``midpoint``
+            with half the steps) keeps the network cost of Euler and the simulator calls.
 
     Returns:
         The samples and the number of signal calls per sample.
@@ -865,8 +980,10 @@ def sample_feedback(
     rows = torch.arange(b, device=h.device).repeat(n)
     z = base_noise(n, b, field.dim, h, generator=generator, noise=noise)
     solve = get_solver(solver)
+    solve_base = get_solver(base_solver or posterior.base_solver or solver)
     t_start = posterior.t_start
-    u = solve(lambda t, u_t: posterior.base.drift(u_t, t, h_rep), z, n_steps=n_base, t1=t_start)
+    u = solve_base(lambda t, u_t: posterior.base.drift(u_t, t, h_rep), z, n_steps=n_base,
+                   t1=t_start)  # fmt: skip
     calls = 0
 
     def controlled(t: Tensor, u_t: Tensor) -> Tensor:
@@ -1220,6 +1337,7 @@ def save_control(
         "n_steps": posterior.n_steps,
         "solver": posterior.solver,
         "control_steps": posterior.control_steps,
+        "base_solver": posterior.base_solver,
         "signal": type(posterior.signal).__name__,
         "base_sha256": weights_hash(posterior.base),
         "base_path": None if base_path is None else str(base_path),
@@ -1278,5 +1396,6 @@ def load_control(
         copy.deepcopy(base), control.to(device=ref.device, dtype=ref.dtype), signal,
         t_start=meta["t_start"], n_steps=meta["n_steps"], solver=meta["solver"],
         control_steps=meta.get("control_steps"),  # absent before 2026-11-26: the share
+        base_solver=meta.get("base_solver"),  # absent before 2026-11-27: the solver's
     )  # fmt: skip
     return model.eval()

@@ -703,6 +703,7 @@ def fit_lenses(
     pad: bool = False,
     control_steps: int | None = None,
     fallback_prior: str = "default",
+    compile: bool = False,
 ) -> list[FitResult]:
     """Posteriors and diagnostics of many observed lenses, batched per model.
 
@@ -737,6 +738,9 @@ def fit_lenses(
         fallback_prior: The fallback's prior: ``"default"`` (the model's training prior),
             ``"broad"`` (``prior.broad_specs``) or ``"wide"`` (each parameter's physical
             range, ``prior.wide_specs``).
+        compile: With feedback, render through ``torch.compile``
+            (``sampling.sample_posteriors``): the first batch compiles (tens of seconds on a
+            GPU), later ones run faster (docs/benchmarks.md); for catalogs.
 
     Returns:
         One ``FitResult`` per observation, in order.
@@ -794,6 +798,7 @@ def fit_lenses(
             chunk=lens_chunk,
             normalize_flux=normalize,
             control_steps=control_steps,
+            compile=compile,
         )
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -839,6 +844,7 @@ def fit_lenses(
                     "n_samples": n,
                     "n_steps": n_steps,
                     "control_steps": control_steps,
+                    "compile": compile,
                     "seed": seed_list[i],
                     "device": str(dev),
                     "device_name": torch.cuda.get_device_name(dev)
@@ -874,6 +880,7 @@ def fit_lens(
     pad: bool = False,
     control_steps: int | None = None,
     fallback_prior: str = "default",
+    compile: bool = False,
 ) -> FitResult:
     """Posterior and diagnostics of one observed lens (``fit_lenses`` for one lens).
 
@@ -894,6 +901,7 @@ def fit_lens(
         pad: Mask the part of the model's field outside the cutout instead of raising.
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (see ``fit_lenses``).
         fallback_prior: ``"default"``, ``"broad"`` or ``"wide"`` (see ``fit_lenses``).
+        compile: Render the feedback through ``torch.compile`` (see ``fit_lenses``).
 
     Returns:
         The fit result.
@@ -903,7 +911,8 @@ def fit_lens(
                       names=None if name is None else [name], preset=preset, model=model,
                       feedback=feedback, n=n, device=device, n_steps=n_steps,
                       fallback=fallback, normalize_flux=normalize_flux, pad=pad,
-                      control_steps=control_steps, fallback_prior=fallback_prior)[0]  # fmt: skip
+                      control_steps=control_steps, fallback_prior=fallback_prior,
+                      compile=compile)[0]  # fmt: skip
 
 
 def summary_row(samples: PosteriorSamples) -> dict[str, Any]:

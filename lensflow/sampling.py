@@ -162,6 +162,8 @@ def sample_posteriors(
     progress: bool = False,
     normalize_flux: bool | None = None,
     control_steps: int | None = None,
+    compile: bool = False,
+    base_solver: str | None = None,
 ) -> list[PosteriorSamples]:
     """Posterior samples for many observations, batched, optionally with simulator feedback.
 
@@ -192,6 +194,11 @@ def sample_posteriors(
             distribution (docs/real-lenses.md, "Flux units").
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (default: the
             control net's; each costs one simulator call per sample).
+        compile: With feedback, render through ``torch.compile`` (``feedback.lens_cost``):
+            the first call in a process compiles, so it is for catalogs and long runs
+            (docs/benchmarks.md has what it saves).
+        base_solver: With feedback, the solver on ``[0, t_start]`` where only the base flow
+            acts (default: the control net's, else ``solver``; docs/feedback.md).
 
     Returns:
         One ``PosteriorSamples`` per observation, in order, on the model's device;
@@ -216,6 +223,8 @@ def sample_posteriors(
         raise ValueError("log_prob is not available with feedback (use feedback='none')")
     if control is None and control_steps is not None:
         raise ValueError(f"control_steps={control_steps} needs feedback, but it is 'none'")
+    if control is None and base_solver is not None:
+        raise ValueError(f"base_solver={base_solver!r} needs feedback, but it is 'none'")
     method = "flow" if control is None else f"flow+{control.kind}"
     posterior = model.posterior
     parameter = next(posterior.parameters())
@@ -243,10 +252,11 @@ def sample_posteriors(
             theta = posterior.sample(x, n, n_steps=n_steps, solver=solver, generator=generator,
                                      noise=noise)  # fmt: skip
         else:
-            controlled, data = control.posterior(part)
+            controlled, data = control.posterior(part, compile=compile)
             theta = sample_feedback(controlled, x, data, n, n_steps=n_steps, solver=solver,
                                     generator=generator, noise=noise,
-                                    control_steps=control_steps).theta  # fmt: skip
+                                    control_steps=control_steps,
+                                    base_solver=base_solver).theta  # fmt: skip
         for b in range(x.shape[0]):
             log_prob, sample = None, theta[:, b]
             if use_log_prob:
@@ -274,6 +284,7 @@ def sample_posterior(
     generator: torch.Generator | None = None,
     normalize_flux: bool | None = None,
     control_steps: int | None = None,
+    compile: bool = False,
 ) -> PosteriorSamples:
     """Posterior samples of one observation (:func:`sample_posteriors` for a single lens).
 
@@ -293,6 +304,8 @@ def sample_posterior(
             trained; see :func:`sample_posteriors`).
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (default: the
             control net's).
+        compile: With feedback, render through ``torch.compile`` (see
+            :func:`sample_posteriors`).
 
     Returns:
         The samples, ``theta`` of shape ``(n, D)`` in physical units.
@@ -301,7 +314,7 @@ def sample_posterior(
                              seeds=None if seed is None else [seed], n_steps=n_steps,
                              solver=solver, use_log_prob=use_log_prob,
                              generator=generator, normalize_flux=normalize_flux,
-                             control_steps=control_steps)[0]  # fmt: skip
+                             control_steps=control_steps, compile=compile)[0]  # fmt: skip
 
 
 def samples_table(samples: PosteriorSamples) -> Table:

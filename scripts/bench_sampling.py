@@ -28,8 +28,10 @@ def _sync(device: torch.device) -> None:
 
 def _time(fn, device: torch.device, repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    start = time.perf_counter()
     fn()
     _sync(device)
+    print(f"<!-- warm-up call {time.perf_counter() - start:.3f} s -->", flush=True)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -67,7 +69,20 @@ def main() -> None:
     parser.add_argument("--control-steps", type=int, default=None,
                         help="feedback: solver steps on [t_start, 1] (default: the control "
                         "net's)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="feedback: render through torch.compile (lens_cost(compile=True)); "
+                        "the warm-up call, timed apart, compiles")  # fmt: skip
+    parser.add_argument("--feedback-samplers", nargs="+", default=None,
+                        metavar="SOLVER:N_STEPS[:CONTROL_STEPS]",
+                        help="feedback: time each of these samplers, e.g. euler:40:8 "
+                        "midpoint:20:2 (default: the control net's own, with "
+                        "--control-steps)")  # fmt: skip
     args = parser.parse_args()
+    if args.feedback_samplers:
+        try:
+            args.feedback_samplers = [_parse_sampler(s) for s in args.feedback_samplers]
+        except ValueError as err:
+            parser.error(str(err))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = load_model(args.model)
@@ -106,23 +121,40 @@ def _bench_feedback(model, pairs: SimulatedPairs, args, device: torch.device) ->
     control = load_control(args.feedback, model)
     test = pairs.sample(args.feedback_lenses, generator=torch.Generator(device).manual_seed(1))
     observations = pairs.observations(test)
-    control_steps = args.control_steps or control.control_steps
-    calls = signal_calls_per_sample(control.n_steps, control.solver, control.t_start,
-                                    control_steps)  # fmt: skip
-    print(f"\n# feedback {control.kind} ({control.path}): {control.solver} x "
-          f"{control.n_steps} steps, t_start {control.t_start}, {calls} simulator calls "
-          f"with gradient per sample")  # fmt: skip
-
-    def feedback(b: int, n: int) -> None:
-        sample_posteriors(observations[:b], model, n, feedback=control,
-                          generator=torch.Generator(device).manual_seed(0),
-                          control_steps=control_steps)  # fmt: skip
-
-    cases = [
-        ("one lens, feedback", 1, args.one_lens_samples),
-        ("batch, feedback", args.feedback_lenses, args.batch_samples),
+    samplers = args.feedback_samplers or [
+        (control.solver, control.n_steps, args.control_steps or control.control_steps)
     ]
-    _table(cases, feedback, device, args.repeats)
+    for solver, n_steps, control_steps in samplers:
+        calls = signal_calls_per_sample(n_steps, solver, control.t_start, control_steps)
+        print(f"\n# feedback {control.kind} ({control.path}): {solver} x {n_steps} steps"
+              + (f" ({control_steps} after t_start)" if control_steps else "")
+              + f", t_start {control.t_start}, {calls} simulator calls with gradient per "
+              "sample")  # fmt: skip
+
+        def feedback(b: int, n: int, solver=solver, n_steps=n_steps, cs=control_steps) -> None:
+            sample_posteriors(observations[:b], model, n, feedback=control,
+                              generator=torch.Generator(device).manual_seed(0),
+                              solver=solver, n_steps=n_steps, control_steps=cs,
+                              compile=args.compile)  # fmt: skip
+
+        cases = [
+            ("one lens, feedback", 1, args.one_lens_samples),
+            ("batch, feedback", args.feedback_lenses, args.batch_samples),
+        ]
+        _table(cases, feedback, device, args.repeats)
+
+
+def _parse_sampler(text: str) -> tuple[str, int, int | None]:
+    """``"midpoint:20:2"`` -> ``("midpoint", 20, 2)``; the control steps are optional."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in SOLVERS:
+        raise ValueError(f"sampler {text!r}: want SOLVER:N_STEPS[:CONTROL_STEPS] with SOLVER "
+                         f"one of {', '.join(SOLVERS)}")  # fmt: skip
+    try:
+        numbers = [int(v) for v in parts[1:]]
+    except ValueError:
+        raise ValueError(f"sampler {text!r}: steps must be integers") from None
+    return parts[0], numbers[0], numbers[1] if len(numbers) == 2 else None
 
 
 if __name__ == "__main__":

@@ -123,6 +123,10 @@ def evaluate(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     posterior = model.posterior.eval()
     transform = posterior.transform
+    # Sampling may run on a GPU; lenses, scores and TARP stay on the CPU (the same test
+    # lenses and seeds whatever the device).
+    sampler = model if args.device == "cpu" else load_model(args.model, device=args.device)
+    stored = _read_samples(args.samples_npz) if args.samples_npz else {}
     # Masks are drawn last: overriding them leaves the lenses, PSFs and noise unchanged.
     overrides = {
         "mask_probability": args.mask_probability,
@@ -148,21 +152,52 @@ def evaluate(args: argparse.Namespace) -> None:
         chi2_truth_exact = exact(transform.to_u(truth), obs_exact)
     seeds = [args.seed * 1000 + i for i in range(args.n_lenses)]
     results = []
+    drawn = {}
     for spec in args.variants:
         name, _, path = spec.partition("=")
-        feedback = "none" if name == "none" else load_control(path, model)
+        feedback = "none" if name == "none" else load_control(path, sampler)
         n_steps = args.n_steps or (model.flow.n_steps if name == "none" else feedback.n_steps)
         solver = args.solver or (model.flow.solver if name == "none" else feedback.solver)
-        control_steps = None
+        control_steps = base_solver = None
         if name != "none":
             control_steps = args.control_steps or feedback.control_steps
-        start = time.perf_counter()
-        samples = sample_posteriors(observations, model, args.n_samples, feedback=feedback,
-                                    seeds=seeds, n_steps=n_steps, solver=solver,
-                                    chunk=args.lens_chunk, normalize_flux=args.normalize_flux,
-                                    control_steps=control_steps)  # fmt: skip
-        seconds = time.perf_counter() - start
-        theta = torch.stack([s.theta for s in samples], dim=1)  # (M, N, D)
+            base_solver = args.base_solver or feedback.base_solver
+        sampler_name = (
+            f"{solver} {n_steps}"
+            + (f", {control_steps} control steps" if control_steps else "")
+            + (f", {base_solver} base" if base_solver and base_solver != solver else "")
+        )
+        if name in stored:
+            theta, info = stored[name]
+            if info["sampler"] != sampler_name or tuple(theta.shape[:2]) != (
+                args.n_samples,
+                args.n_lenses,
+            ):
+                raise SystemExit(f"{args.samples_npz}: variant {name!r} was drawn with "
+                                 f"{info['sampler']}, {tuple(theta.shape[:2])} (samples, "
+                                 f"lenses); asked for {sampler_name}, "
+                                 f"{(args.n_samples, args.n_lenses)}")  # fmt: skip
+            seconds, method, device = info["sampling_s"], info["method"], info["device"]
+        else:
+            if sampler is not model:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            samples = sample_posteriors(observations, sampler, args.n_samples,
+                                        feedback=feedback, seeds=seeds, n_steps=n_steps,
+                                        solver=solver, chunk=args.lens_chunk,
+                                        normalize_flux=args.normalize_flux,
+                                        control_steps=control_steps,
+                                        base_solver=base_solver)  # fmt: skip
+            if sampler is not model:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            theta = torch.stack([s.theta for s in samples], dim=1).cpu()  # (M, N, D)
+            method, device = samples[0].method, _device_name(args.device)
+            print(f"{name}: {sampler_name}, {seconds:.2f} s on {device}", flush=True)
+        drawn[name] = (theta, {"sampler": sampler_name, "sampling_s": seconds,
+                               "method": method, "device": device})  # fmt: skip
+        if args.sample_only:
+            continue
         u = transform.to_u(theta)
         calls = (
             0
@@ -178,9 +213,9 @@ def evaluate(args: argparse.Namespace) -> None:
         r |= {
             "chi2_exact_mean": float(chi2_exact.mean()),
             "chi2_exact_median": float(chi2_exact.median()),
-            "method": samples[0].method,
-            "sampler": f"{solver} {n_steps}"
-            + (f", {control_steps} control steps" if control_steps else ""),
+            "method": method,
+            "sampler": sampler_name,
+            "sampling_device": device,
             "param_error_u_mean": float(u_err.mean()),
             "theta_e_abs_error_median_arcsec": float((theta.mean(0)[:, 0] - truth[:, 0]).abs()
                                                      .median()),
@@ -189,6 +224,10 @@ def evaluate(args: argparse.Namespace) -> None:
         }  # fmt: skip
         results.append(r)
         print(json.dumps(r), flush=True)
+    if args.samples_npz and not stored:
+        _write_samples(args.samples_npz, drawn)
+    if args.sample_only:
+        return
     base = next((r for r in results if r["variant"] == "none"), None)
     truths = {"chi2_mean": float(chi2_truth.mean()), "chi2_median": float(chi2_truth.median()),
               "chi2_exact_mean": float(chi2_truth_exact.mean()),
@@ -244,6 +283,35 @@ def evaluate(args: argparse.Namespace) -> None:
             }
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
+
+
+def _device_name(device: str) -> str:
+    """``"cpu"`` or the GPU's name, for the record."""
+    if device == "cpu":
+        return "cpu"
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+def _write_samples(path: str, drawn: dict) -> None:
+    """Store each variant's samples ``(M, N, D)`` and how they were drawn in one ``.npz``."""
+    import numpy as np
+
+    arrays = {f"theta_{k}": v[0].numpy() for k, v in drawn.items()}
+    meta = json.dumps({k: v[1] for k, v in drawn.items()})
+    np.savez_compressed(path, meta=np.array(meta), **arrays)
+
+
+def _read_samples(path: str) -> dict:
+    """What ``_write_samples`` stored: ``{variant: (theta (M, N, D), info)}``; ``{}`` if absent."""
+    import os
+
+    import numpy as np
+
+    if not os.path.exists(path):
+        return {}
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["meta"]))
+        return {k: (torch.from_numpy(f[f"theta_{k}"]), info) for k, info in meta.items()}
 
 
 def main() -> None:
@@ -310,11 +378,26 @@ def main() -> None:
     p.add_argument("--control-steps", type=int,
                    help="--evaluate: solver steps on [t_start, 1] (default: each control "
                    "net's; its share of --n-steps where it has none)")  # fmt: skip
+    p.add_argument("--base-solver",
+                   help="--evaluate: solver on [0, t_start], where only the base flow acts "
+                   "(default: each control net's, else --solver)")  # fmt: skip
     p.add_argument("--chunk", type=int, default=1024, help="rows per simulator call")
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--device", default="cpu",
+                   help="--evaluate: device that draws the samples (lenses, scores and TARP "
+                   "stay on the CPU)")  # fmt: skip
+    p.add_argument("--samples-npz",
+                   help="--evaluate: store the drawn samples here (.npz, with the sampler, "
+                   "wall time and device of each variant); if the file exists, score the "
+                   "samples stored in it instead of drawing them")  # fmt: skip
+    p.add_argument("--sample-only", action="store_true",
+                   help="--evaluate: draw (and store with --samples-npz) but do not score, "
+                   "e.g. on a GPU whose time is short; score later from the .npz")  # fmt: skip
     args = p.parse_args()
+    if args.sample_only and not args.samples_npz:
+        p.error("--sample-only needs --samples-npz (the samples would be lost)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.evaluate:

@@ -6,6 +6,7 @@
 # Usage (repository root, lensflow importable, one CUDA GPU):
 #     STAGE=mcmc OUT=runs/gpu_bench bash scripts/gpu_bench.sh
 #     STAGE=sampling OUT=runs/gpu_bench bash scripts/gpu_bench.sh
+#     STAGE=feedback OUT=runs/gpu_bench bash scripts/gpu_bench.sh
 #
 # Options (environment):
 #     LENS=demo_01   the demo lens of the mcmc stage
@@ -21,6 +22,14 @@
 #     PRESETS="euclid hst"  models of the sampling stage
 #     SAMPLING_EXTRA=...    more bench_sampling.py flags (smaller sizes for a CPU dry run)
 #     DEVICE=cuda
+#     RUNS="hst:midpoint:40:4 ..."   feedback stage: PRESET:SOLVER:N_STEPS:CONTROL_STEPS of
+#                    gradient feedback on N_LENSES held-out lenses (seed 20261125, 100
+#                    samples each, as docs/feedback.md), drawn on the GPU and stored in
+#                    OUT/fb-*.npz; score them on any machine with the same command plus
+#                    --samples-npz FILE (no --device). "time:PRESET" rows time
+#                    bench_sampling.py's feedback cases for every sampler of SAMPLERS.
+#     N_LENSES=500, SAMPLERS="euler:40:8 midpoint:40:4 midpoint:20:2 rk4:10:1"
+#     BUDGET_S=480   the feedback stage skips what would start after this many seconds
 set -u
 STAGE=${STAGE:-mcmc}
 OUT=${OUT:-runs/gpu_bench}
@@ -85,6 +94,32 @@ if [ "$STAGE" = sampling ]; then
     for p in $PRESETS; do
         log "$p"
         timeout 120 $S --model "$p" 2>&1 | tee "$OUT/sampling-$p.md"
+    done
+fi
+if [ "$STAGE" = feedback ]; then
+    N_LENSES=${N_LENSES:-500}
+    SAMPLERS=${SAMPLERS:-"euler:40:8 midpoint:40:4 midpoint:20:2 rk4:10:1"}
+    RUNS=${RUNS:-"hst:midpoint:40:4 time:hst euclid:euler:40:8 euclid:midpoint:40:4
+          hst:midpoint:20:2 euclid:midpoint:20:2 time:euclid hst:rk4:10:1 euclid:rk4:10:1"}
+    END=$((SECONDS + ${BUDGET_S:-480}))
+    for r in $RUNS; do
+        left=$((END - SECONDS))
+        if [ "$left" -lt 20 ]; then log "skipped (budget): $r"; continue; fi
+        IFS=: read -r p solver n cs <<<"$r"
+        if [ "$p" = time ]; then
+            log "timing $solver"
+            timeout "$left" python scripts/bench_sampling.py --model "$solver" \
+                --device "$DEVICE" --threads 4 --repeats 1 --batch-lenses 1000 \
+                --feedback gradient --feedback-lenses 100 --feedback-samplers $SAMPLERS \
+                $SAMPLING_EXTRA 2>&1 | tee "$OUT/sampling-$solver.md"
+            continue
+        fi
+        log "$r"
+        timeout "$left" python scripts/feedback_experiment.py --evaluate --model "$p" \
+            --n-lenses "$N_LENSES" --n-samples 100 --lens-chunk 100 --device "$DEVICE" \
+            --threads 4 --variants "gradient=lensflow/models/$p-gradient.json" \
+            --solver "$solver" --n-steps "$n" --control-steps "$cs" --sample-only \
+            --samples-npz "$OUT/fb-$p-$solver$n-cs$cs.npz" 2>&1 | tail -n 2
     done
 fi
 log done

@@ -101,11 +101,13 @@ def test_control_checkpoint_round_trip_and_refusals(tmp_path):
     assert meta["finetune"]["n_steps"] == 2 and meta["status"] == "provisional: test"
     assert available_feedback(model) == ("learned",)
     assert meta["control_steps"] is None and load_control("learned", model).control_steps is None
-    meta_path.write_text(json.dumps(meta | {"control_steps": 4}))  # the sampler default
+    assert meta["base_solver"] is None and load_control("learned", model).base_solver is None
+    # the sampler defaults
+    meta_path.write_text(json.dumps(meta | {"control_steps": 4, "base_solver": "midpoint"}))
     for name in ("learned", tmp_path / "m-learned", str(meta_path)):
         control = load_control(name, model)
         assert control.kind == "learned" and control.n_parameters == meta["n_parameters"]
-        assert control.control_steps == 4
+        assert control.control_steps == 4 and control.base_solver == "midpoint"
         for a, b in zip(control.control.state_dict().values(),
                         tuned.control.state_dict().values(), strict=True):  # fmt: skip
             assert torch.equal(a, b)

@@ -198,6 +198,38 @@ def test_sample_feedback_counts_signal_calls_and_splits_steps():
     torch.testing.assert_close(a, b)
 
 
+def test_sample_feedback_base_solver_changes_the_base_segment_only():
+    from lensflow.solvers import get_solver
+
+    post = random_control(tiny_flow(), ZeroSignal(4))
+    _, x = simulate(2)
+    obs = ObservedData(x, torch.full((M,), S))
+    z = torch.randn(5, 2, D, generator=torch.Generator().manual_seed(3))
+    out = sample_feedback(post, x, obs, 5, n_steps=20, solver="euler", control_steps=8,
+                          base_solver="midpoint", noise=z)  # fmt: skip
+    assert (out.n_steps_base, out.n_steps_control, out.n_signal_calls) == (16, 8, 8)
+    # By hand: 16 midpoint steps of the base drift on [0, 0.8], then 8 Euler steps of the
+    # controlled drift on [0.8, 1].
+    h = post.base.field.embed(x)
+    h_rep = h.unsqueeze(0).expand(5, *h.shape).reshape(10, -1)
+    rows = torch.arange(2).repeat(5)
+    with torch.no_grad():
+        u = get_solver("midpoint")(lambda t, u_t: post.base.drift(u_t, t, h_rep),
+                                   z.reshape(10, D), n_steps=16, t1=post.t_start)  # fmt: skip
+        u = get_solver("euler")(lambda t, u_t: post._velocities(u_t, t, h_rep, obs, rows)[1],
+                                u, n_steps=8, t0=post.t_start, t1=1.0)  # fmt: skip
+    torch.testing.assert_close(out.u, u.reshape(5, 2, D))
+    same = sample_feedback(post, x, obs, 5, n_steps=20, solver="euler", control_steps=8,
+                           noise=z)  # fmt: skip
+    assert not torch.allclose(same.u, out.u)  # Euler in the base segment differs
+    post.base_solver = "midpoint"  # the posterior's default
+    torch.testing.assert_close(
+        sample_feedback(post, x, obs, 5, n_steps=20, solver="euler", control_steps=8,
+                        noise=z).u, out.u)  # fmt: skip
+    with pytest.raises(ValueError, match="leapfrog"):
+        ControlledPosterior(post.base, post.control, post.signal, base_solver="leapfrog")
+
+
 def test_finetune_leaves_base_bit_identical_and_trains_control():
     post = tiny_flow()
     before = weights_hash(post)
@@ -259,10 +291,11 @@ def test_finetune_trains_residual_encoder_and_checkpoint_round_trip(tmp_path):
     tuned = finetune(post, signal, data, cfg, generator=torch.Generator().manual_seed(0))
     assert any(not torch.equal(v, enc_before[k]) for k, v in signal.state_dict().items())
     tuned.control_steps = 3
+    tuned.base_solver = "midpoint"
     save_control(tmp_path / "ctrl", tuned, base_path="base.safetensors")
     fresh_signal = ResidualSignal(toy_cost, VectorEncoder(M, 4, width=8, n_blocks=1), 4)
     loaded = load_control(tmp_path / "ctrl.json", post, fresh_signal)
-    assert loaded.control_steps == 3
+    assert loaded.control_steps == 3 and loaded.base_solver == "midpoint"
     _, x = simulate(3)
     obs = ObservedData(x, torch.full((M,), S))
     gen = torch.Generator()
@@ -364,6 +397,60 @@ def test_lens_cost_shares_simulators_and_keeps_row_order():
         torch.testing.assert_close(c[[0, 2]], single(u[:2], rows_a))
         torch.testing.assert_close(c[1:2], single_b(u[:1], data_b))
         assert not torch.isclose(c[0], c[1])  # a different PSF gives a different chi^2
+
+
+def _compiled_against_eager(n: int, dtype=torch.float64):
+    """``lens_cost(compile=True)`` and the eager cost on ``n`` rows of two PSFs."""
+    import dataclasses
+
+    from lensflow.feedback import _COMPILED
+
+    _COMPILED.clear()
+    cfg, obs, theta, tr = tiny_lens_observation(dtype)
+    other_psf = torch.zeros(3, 3, dtype=obs.psf.dtype)
+    other_psf[1, 1] = 1.0
+    observations = [obs, dataclasses.replace(obs, psf=other_psf)]
+    u = (tr.to_u(theta) + 0.1 * torch.randn(n, theta.shape[-1], dtype=dtype)).detach()
+    out = []
+    for compile in (False, True):
+        cost, data = lens_cost(observations, cfg, tr, compile=compile)
+        rows = data[torch.arange(n) % 2]
+        uu = u.clone().requires_grad_(True)
+        c = cost(uu, rows)
+        (g,) = torch.autograd.grad(c.sum(), uu)
+        out.append((c.detach(), g, cost))
+    return out
+
+
+def test_compiled_lens_cost_pads_chunks_and_caches(monkeypatch):
+    """The compiled path's chunking, padding and per-process cache, with ``torch.compile``
+    replaced by the identity (the real compilation is the slow test below)."""
+    from lensflow.feedback import _COMPILED, COMPILED_ROWS, CompiledSimulator
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    n = COMPILED_ROWS["cpu"] + 7  # one full chunk and one padded
+    (want, want_grad, _), (got, grad, cost) = _compiled_against_eager(n)
+    renderer = cost.forward
+    assert isinstance(renderer, LensRenderer) and len(renderer.simulators) == 1
+    assert isinstance(renderer.simulators[0], CompiledSimulator)
+    assert cost.max_rows == COMPILED_ROWS["cpu"] and len(_COMPILED) == 1
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+    cfg, obs, _, tr = tiny_lens_observation()
+    again, _ = lens_cost([obs], cfg, tr, compile=True)
+    assert again.forward.simulators[0] is renderer.simulators[0]  # compiled once
+
+
+@pytest.mark.slow
+def test_compiled_lens_cost_matches_eager():
+    """The real ``torch.compile`` (minutes on a CPU): the eager chi^2 and gradient."""
+    from lensflow.feedback import COMPILED_ROWS
+
+    n = COMPILED_ROWS["cpu"] + 7
+    (want, want_grad, _), (got, grad, _) = _compiled_against_eager(n, torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3,
+                               atol=1e-3 * float(want_grad.abs().max()))  # fmt: skip
 
 
 def test_lens_cost_mixed_grids_one_call_per_grid():
