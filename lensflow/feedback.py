@@ -317,6 +317,9 @@ class LensRenderer:
 #: call is padded to it, so that one compiled graph serves every batch size.
 COMPILED_ROWS = {"cuda": 1024, "cpu": 32}
 
+#: Compiled simulators take fine kernel sides of ``COMPILED_SIDE_STEP k + 1`` pixels.
+COMPILED_SIDE_STEP = 8
+
 #: Compiled simulators, reused across ``lens_cost`` calls: one compilation per grid, kernel
 #: side, dtype and device in a process (a fresh module would be compiled again).
 _COMPILED: dict[tuple, CompiledSimulator] = {}
@@ -470,15 +473,16 @@ def lens_cost(
     if psf_batching is None:
         psf_batching = device.type != "cpu"
     if compile:  # one compiled per-row-PSF simulator per grid, fixed-size calls
-        sims, stacks, sides = [], [], []
+        sims, stacks = [], []
         for ((n_pix, _), scale), psfs in zip(grids, kernels, strict=True):
             cfg = dataclasses.replace(config, n_pix=n_pix, pixel_scale_arcsec=scale)
             fine = [fine_psf(cfg, k) for k in psfs]
+            # Kernel sides rounded up to 8k + 1 (zero padding does not change the images),
+            # so that batches of similar PSFs share one compiled graph.
             side = max(f.shape[-1] for f in fine)
-            sim = compiled_simulator(cfg, side, dtype, device)
-            sims.append(sim)
+            side += -(side - 1) % COMPILED_SIDE_STEP
+            sims.append(compiled_simulator(cfg, side, dtype, device))
             stacks.append(torch.stack([pad_psf(f, side) for f in fine]).to(device, dtype))
-            sides.append(sim.fine_grid_side)
         index = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
         cost = GaussianCost(LensRenderer(sims, stacks, index[:, 0], index[:, 1]), transform,
                             max_rows=sims[0].rows)  # fmt: skip

@@ -425,7 +425,12 @@ def _compiled_against_eager(n: int, dtype=torch.float64):
 def test_compiled_lens_cost_pads_chunks_and_caches(monkeypatch):
     """The compiled path's chunking, padding and per-process cache, with ``torch.compile``
     replaced by the identity (the real compilation is the slow test below)."""
-    from lensflow.feedback import _COMPILED, COMPILED_ROWS, CompiledSimulator
+    from lensflow.feedback import (
+        _COMPILED,
+        COMPILED_ROWS,
+        COMPILED_SIDE_STEP,
+        CompiledSimulator,
+    )
 
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
     n = COMPILED_ROWS["cpu"] + 7  # one full chunk and one padded
@@ -434,6 +439,7 @@ def test_compiled_lens_cost_pads_chunks_and_caches(monkeypatch):
     assert isinstance(renderer, LensRenderer) and len(renderer.simulators) == 1
     assert isinstance(renderer.simulators[0], CompiledSimulator)
     assert cost.max_rows == COMPILED_ROWS["cpu"] and len(_COMPILED) == 1
+    assert (renderer.psfs[0].shape[-1] - 1) % COMPILED_SIDE_STEP == 0  # padded kernel side
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
     cfg, obs, _, tr = tiny_lens_observation()
