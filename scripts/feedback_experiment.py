@@ -224,7 +224,7 @@ def evaluate(args: argparse.Namespace) -> None:
         }  # fmt: skip
         results.append(r)
         print(json.dumps(r), flush=True)
-    if args.samples_npz and not stored:
+    if args.samples_npz and any(k not in stored for k in drawn):  # stored + newly drawn
         _write_samples(args.samples_npz, drawn)
     if args.sample_only:
         return
