@@ -49,6 +49,14 @@ def _add_normalize_flux_arg(p: argparse.ArgumentParser) -> None:
                    "units; see docs/real-lenses.md, 'Flux units')")  # fmt: skip
 
 
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    """``--compile`` of the commands that sample with feedback (sample, fit, catalog)."""
+    p.add_argument("--compile", action="store_true",
+                   help="with feedback: render through torch.compile; the first lens "
+                   "compiles (tens of seconds on a GPU, minutes on a CPU), then feedback is "
+                   "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
+
+
 def _load_observation(args: argparse.Namespace) -> Observation:
     """The observation named by ``_add_observation_args``' arguments."""
     from lensflow.observation import load_observation
@@ -679,10 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with feedback: steps after t_start, one simulator call per sample each "
                    "(default: the control net's; 4 halves the cost of the default 8, "
                    "docs/feedback.md)")  # fmt: skip
-    p.add_argument("--compile", action="store_true",
-                   help="with feedback: render through torch.compile; the first lens "
-                   "compiles (tens of seconds on a GPU, minutes on a CPU), then feedback is "
-                   "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
+    _add_compile_arg(p)
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback: auto (gradient if its control net exists, else "
                    "learned, else none; the default), gradient, learned or none")  # fmt: skip
@@ -760,10 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with feedback: steps after t_start, one simulator call per sample each "
                    "(default: the control net's; 4 halves the cost of the default 8, "
                    "docs/feedback.md)")  # fmt: skip
-    p.add_argument("--compile", action="store_true",
-                   help="with feedback: render through torch.compile; the first lens "
-                   "compiles (tens of seconds on a GPU, minutes on a CPU), then feedback is "
-                   "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
+    _add_compile_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
@@ -832,10 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", help="catalog table (ECSV, FITS or CSV)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
     p.add_argument("-n", type=int, default=1000, help="samples per lens (default: 1000)")
-    p.add_argument("--compile", action="store_true",
-                   help="with feedback: render through torch.compile; the first lens "
-                   "compiles (tens of seconds on a GPU, minutes on a CPU), then feedback is "
-                   "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
+    _add_compile_arg(p)
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback (default auto: gradient when shipped)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="run seed; each lens's seed is derived "

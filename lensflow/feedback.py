@@ -472,22 +472,9 @@ def lens_cost(
         keys.append(pairs.index((g, slot)))
     if psf_batching is None:
         psf_batching = device.type != "cpu"
-    if compile:  # one compiled per-row-PSF simulator per grid, fixed-size calls
-        sims, stacks = [], []
-        for ((n_pix, _), scale), psfs in zip(grids, kernels, strict=True):
-            cfg = dataclasses.replace(config, n_pix=n_pix, pixel_scale_arcsec=scale)
-            fine = [fine_psf(cfg, k) for k in psfs]
-            # Kernel sides rounded up to 8k + 1 (zero padding does not change the images),
-            # so that batches of similar PSFs share one compiled graph.
-            side = max(f.shape[-1] for f in fine)
-            side += -(side - 1) % COMPILED_SIDE_STEP
-            sims.append(compiled_simulator(cfg, side, dtype, device))
-            stacks.append(torch.stack([pad_psf(f, side) for f in fine]).to(device, dtype))
-        index = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
-        cost = GaussianCost(LensRenderer(sims, stacks, index[:, 0], index[:, 1]), transform,
-                            max_rows=sims[0].rows)  # fmt: skip
-        return cost, _rows(obs_list, keys, dtype, device)
-    if not psf_batching:  # one simulator per grid and PSF, called one after another
+    if (
+        not psf_batching and not compile
+    ):  # one simulator per grid and PSF, called one after another
         sims = []
         for g, slot in pairs:
             (n_pix, _), scale = grids[g]
@@ -499,27 +486,34 @@ def lens_cost(
         return _cost(forward, transform, sides, dtype, device), _rows(
             obs_list, keys, dtype, device
         )
-    sims, stacks, sides = [], [], []
+    # One simulator per grid; with several PSFs (or compiled) it takes the kernel per row.
+    sims, stacks = [], []
     for ((n_pix, _), scale), psfs in zip(grids, kernels, strict=True):
         cfg = dataclasses.replace(config, n_pix=n_pix, pixel_scale_arcsec=scale)
-        if len(psfs) == 1:
-            sim = LensSimulator(cfg, psf_kernel=psfs[0], dtype=dtype, device=device)
-            sims.append(sim)
+        if len(psfs) == 1 and not compile:
+            sims.append(LensSimulator(cfg, psf_kernel=psfs[0], dtype=dtype, device=device))
             stacks.append(None)
-            sides.append(sim.fine_grid_side)
             continue
         fine = [fine_psf(cfg, k) for k in psfs]
         side = max(f.shape[-1] for f in fine)
-        sims.append(LensSimulator(cfg, dtype=dtype, device=device, psf_per_row=True,
-                                  psf_side=side))  # fmt: skip
+        if compile:
+            # Kernel sides rounded up to 8k + 1 (zero padding does not change the images),
+            # so that batches of similar PSFs share one compiled graph.
+            side += -(side - 1) % COMPILED_SIDE_STEP
+            sims.append(compiled_simulator(cfg, side, dtype, device))
+        else:
+            sims.append(LensSimulator(cfg, dtype=dtype, device=device, psf_per_row=True,
+                                      psf_side=side))  # fmt: skip
         stacks.append(torch.stack([pad_psf(f, side) for f in fine]).to(device, dtype))
-        sides.append(n_pix * cfg.upsample_factor + side - 1)
     if len(sims) == 1 and stacks[0] is None:
         forward = sims[0]
     else:
         index = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
         forward = LensRenderer(sims, stacks, index[:, 0], index[:, 1])
-    return _cost(forward, transform, sides, dtype, device), _rows(obs_list, keys, dtype, device)
+    cost = _cost(forward, transform, [sim.fine_grid_side for sim in sims], dtype, device)
+    if compile:  # the compiled calls' fixed row count
+        cost.max_rows = sims[0].rows
+    return cost, _rows(obs_list, keys, dtype, device)
 
 
 def _rows(
