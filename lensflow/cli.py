@@ -57,6 +57,18 @@ def _add_compile_arg(p: argparse.ArgumentParser) -> None:
                    "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
 
 
+def _add_solver_args(p: argparse.ArgumentParser) -> None:
+    """``--solver`` and ``--base-solver`` of the commands that sample (sample, fit)."""
+    from lensflow.solvers import SOLVERS
+
+    p.add_argument("--solver", choices=sorted(SOLVERS),
+                   help="ODE solver (default: the control net's with feedback, else the "
+                   "model's)")  # fmt: skip
+    p.add_argument("--base-solver", choices=sorted(SOLVERS),
+                   help="with feedback: the solver before t_start, where only the base flow "
+                   "acts (no simulator calls; default: the control net's; docs/feedback.md)")  # fmt: skip
+
+
 def _load_observation(args: argparse.Namespace) -> Observation:
     """The observation named by ``_add_observation_args``' arguments."""
     from lensflow.observation import load_observation
@@ -185,6 +197,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         resolve_feedback,
         resolve_normalize_flux,
         sample_posterior,
+        sampler_settings,
         samples_table,
         summary_table,
     )
@@ -193,16 +206,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     kind = resolve_feedback(model, args.feedback)
     control = None if kind == "none" else load_control(kind, model)
-    n_steps = args.n_steps or (control.n_steps if control else model.flow.n_steps)
-    solver = control.solver if control else model.flow.solver
-    config = SampleConfig(n_samples=args.n, n_steps=n_steps, solver=solver, seed=args.seed)
+    sampler = sampler_settings(model, control, n_steps=args.n_steps, solver=args.solver,
+                               control_steps=args.control_steps,
+                               base_solver=args.base_solver)  # fmt: skip
+    config = SampleConfig(n_samples=args.n, n_steps=sampler["n_steps"],
+                          solver=sampler["solver"], seed=args.seed)  # fmt: skip
     start = time.perf_counter()
     normalize = resolve_normalize_flux(model, args.normalize_flux)
     samples = sample_posterior(obs, model, config.n_samples, feedback=control or "none",
                                seed=config.seed, n_steps=config.n_steps, solver=config.solver,
                                normalize_flux=normalize,
                                control_steps=args.control_steps,
-                               compile=args.compile)  # fmt: skip
+                               compile=args.compile, base_solver=args.base_solver)  # fmt: skip
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,11 +234,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    "control": None if control is None else str(control.path),
                    "control_status": None if control is None else control.meta.get("status"),
                    "normalize_flux": normalize, "sampling_s": seconds,
-                   "control_steps": args.control_steps, "compile": args.compile}  # fmt: skip
+                   "control_steps": args.control_steps, "sampler": samples.sampler,
+                   "compile": args.compile}  # fmt: skip
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     how = "no feedback" if control is None else f"{kind} feedback ({control.path.name})"
-    print(f"feedback: {how} [requested: {args.feedback}]; {config.solver}, "
-          f"{config.n_steps} steps, {seconds:.1f} s")  # fmt: skip
+    print(f"feedback: {how} [requested: {args.feedback}]; {_describe_sampler(samples.sampler)}, "
+          f"{seconds:.1f} s")  # fmt: skip
     print(f"wrote {config.n_samples} samples of {obs.name or args.image} to {out}/samples.ecsv")
     return 0
 
@@ -336,6 +352,18 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_sampler(sampler: dict | None) -> str:
+    """One line on a ``sampling.sampler_settings`` record, e.g. for the sample command."""
+    if not sampler:
+        return "no ODE sampler"
+    if "base_steps" not in sampler:
+        return f"{sampler['solver']}, {sampler['n_steps']} steps"
+    return (f"{sampler['base_steps']} {sampler['base_solver']} steps to t = "
+            f"{sampler['t_start']:g}, then {sampler['control_steps']} {sampler['solver']} "
+            f"steps with feedback ({sampler['simulator_calls_per_sample']} simulator calls "
+            "per sample)")  # fmt: skip
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from lensflow.fit import CORNER_PARAMS, fit_lens, resolve_preset, write_fit
     from lensflow.params import NAMES
@@ -352,7 +380,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         center_pix=tuple(args.center_pix) if args.center_pix else None,
         center_radec=tuple(args.center) if args.center else None, fallback=args.fallback,
         normalize_flux=args.normalize_flux, pad=args.pad, control_steps=args.control_steps,
-        fallback_prior=args.fallback_prior, compile=args.compile,
+        fallback_prior=args.fallback_prior, compile=args.compile, solver=args.solver,
+        base_solver=args.base_solver,
     )  # fmt: skip
     corner = CORNER_PARAMS
     if args.corner_params:
@@ -367,17 +396,19 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     written = write_fit(result, args.out, plots=not args.no_plots, corner_params=corner)
     q = result.samples.quantiles((0.16, 0.5, 0.84))[:, 0].tolist()
     d = result.diagnostics
-    print(
-        f"{result.name}: {result.samples.method} ({result.preset}), {args.n} samples in "
-        f"{result.timings['sample']:.1f} s; theta_E = {q[1]:.4f} "
-        f"(+{q[2] - q[1]:.4f} / -{q[1] - q[0]:.4f}) arcsec"
-    )
+    flow = "flow" if result.feedback == "none" else f"flow+{result.feedback}"
+    sampled = (f"{result.name}: {flow} ({result.preset}), {args.n} samples in "
+               f"{result.timings['sample']:.1f} s")  # fmt: skip
+    theta_e = f"theta_E = {q[1]:.4f} (+{q[2] - q[1]:.4f} / -{q[1] - q[0]:.4f}) arcsec"
     if result.fallback:
         fb = result.fallback
         state = "converged" if fb["converged"] else "NOT converged (chain < 50 tau)"
-        print(f"flow posterior flagged ({fb['flow_diagnostics']['reason']}); re-ran emcee: "
-              f"{fb['n_walkers']} walkers x {fb['n_steps']} steps in {fb['wall_time_s']:.0f} s, "
-              f"max tau {fb['max_tau']:.0f}, {state}")  # fmt: skip
+        print(f"{sampled}; flagged ({fb['flow_diagnostics']['reason']})")
+        print(f"re-ran emcee: {fb['n_walkers']} walkers x {fb['n_steps']} steps in "
+              f"{fb['wall_time_s']:.0f} s, max tau {fb['max_tau']:.0f}, {state}; "
+              f"{theta_e}")  # fmt: skip
+    else:
+        print(f"{sampled}; {theta_e}")
     flag = "reliable" if d.reliable else f"NOT reliable: {d.reason}"
     print(f"reduced chi2 of posterior samples {d.chi2_red_samples:.2f}; {flag}")
     print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {args.out}/")
@@ -687,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with feedback: steps after t_start, one simulator call per sample each "
                    "(default: the control net's; 4 halves the cost of the default 8, "
                    "docs/feedback.md)")  # fmt: skip
+    _add_solver_args(p)
     _add_compile_arg(p)
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback: auto (gradient if its control net exists, else "
@@ -765,6 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with feedback: steps after t_start, one simulator call per sample each "
                    "(default: the control net's; 4 halves the cost of the default 8, "
                    "docs/feedback.md)")  # fmt: skip
+    _add_solver_args(p)
     _add_compile_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")

@@ -87,6 +87,7 @@ __all__ = [
     "sample_feedback",
     "save_control",
     "signal_calls_per_sample",
+    "split_steps",
     "tensor_batches",
     "weights_hash",
 ]
@@ -911,13 +912,25 @@ def _check_control_steps(control_steps: int | None) -> int | None:
     return control_steps
 
 
-def _split_steps(
-    n_steps: int, t_start: float, control_steps: int | None = None
-) -> tuple[int, int]:
-    """Steps before and after ``t_start``.
+def split_steps(n_steps: int, t_start: float, control_steps: int | None = None) -> tuple[int, int]:
+    """Solver steps before and after ``t_start`` (how ``sample_feedback`` splits them).
 
-    Before: ``n_steps`` minus its share after, ``round((1 - t_start) n_steps)`` (>= 1).
-    After: that share, or ``control_steps`` where given.
+    Args:
+        n_steps: Steps over ``[0, 1]`` (>= 2).
+        t_start: Start of the control, in ``(0, 1)``.
+        control_steps: Steps on ``[t_start, 1]`` where not the share of ``n_steps``.
+
+    Returns:
+        ``(before, after)``: before is ``n_steps`` minus its share after,
+        ``round((1 - t_start) n_steps)`` (at least 1); after is that share, or
+        ``control_steps`` where given.
+
+    Raises:
+        ValueError: If ``n_steps < 2`` or ``control_steps < 1``.
+
+    Example:
+        >>> split_steps(40, 0.8), split_steps(20, 0.8, control_steps=8)
+        ((32, 8), (16, 8))
     """
     if not isinstance(n_steps, int) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
@@ -967,7 +980,7 @@ def sample_feedback(
     solver = solver or posterior.solver
     if control_steps is None:
         control_steps = posterior.control_steps
-    n_base, n_control = _split_steps(n_steps or posterior.n_steps, posterior.t_start,
+    n_base, n_control = split_steps(n_steps or posterior.n_steps, posterior.t_start,
                                      control_steps)  # fmt: skip
     field = posterior.base.field
     h = field.embed(x)
@@ -1014,7 +1027,7 @@ def signal_calls_per_sample(
         >>> signal_calls_per_sample(200, "euler", 0.8), signal_calls_per_sample(32, "midpoint", 0.8)
         (40, 12)
     """
-    return _split_steps(n_steps, t_start, control_steps)[1] * SOLVERS[solver][1]
+    return split_steps(n_steps, t_start, control_steps)[1] * SOLVERS[solver][1]
 
 
 # --------------------------------------------------------------------------- finetuning

@@ -704,6 +704,8 @@ def fit_lenses(
     control_steps: int | None = None,
     fallback_prior: str = "default",
     compile: bool = False,
+    solver: str | None = None,
+    base_solver: str | None = None,
 ) -> list[FitResult]:
     """Posteriors and diagnostics of many observed lenses, batched per model.
 
@@ -741,6 +743,10 @@ def fit_lenses(
         compile: With feedback, render through ``torch.compile``
             (``sampling.sample_posteriors``): the first batch compiles (tens of seconds on a
             GPU), later ones run faster (docs/benchmarks.md); for catalogs.
+        solver: ODE solver (default: the control network's or the model's).
+        base_solver: With feedback, the solver on ``[0, t_start]`` where only the base
+            flow acts (default: the control network's; docs/feedback.md). The samplers
+            used are recorded in each result's ``provenance["sampler"]``.
 
     Returns:
         One ``FitResult`` per observation, in order.
@@ -799,6 +805,8 @@ def fit_lenses(
             normalize_flux=normalize,
             control_steps=control_steps,
             compile=compile,
+            solver=solver,
+            base_solver=base_solver,
         )
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -844,6 +852,7 @@ def fit_lenses(
                     "n_samples": n,
                     "n_steps": n_steps,
                     "control_steps": control_steps,
+                    "sampler": s.sampler,
                     "compile": compile,
                     "seed": seed_list[i],
                     "device": str(dev),
@@ -881,6 +890,8 @@ def fit_lens(
     control_steps: int | None = None,
     fallback_prior: str = "default",
     compile: bool = False,
+    solver: str | None = None,
+    base_solver: str | None = None,
 ) -> FitResult:
     """Posterior and diagnostics of one observed lens (``fit_lenses`` for one lens).
 
@@ -902,6 +913,8 @@ def fit_lens(
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (see ``fit_lenses``).
         fallback_prior: ``"default"``, ``"broad"`` or ``"wide"`` (see ``fit_lenses``).
         compile: Render the feedback through ``torch.compile`` (see ``fit_lenses``).
+        solver: ODE solver (see ``fit_lenses``).
+        base_solver: With feedback, the solver on ``[0, t_start]`` (see ``fit_lenses``).
 
     Returns:
         The fit result.
@@ -912,7 +925,7 @@ def fit_lens(
                       feedback=feedback, n=n, device=device, n_steps=n_steps,
                       fallback=fallback, normalize_flux=normalize_flux, pad=pad,
                       control_steps=control_steps, fallback_prior=fallback_prior,
-                      compile=compile)[0]  # fmt: skip
+                      compile=compile, solver=solver, base_solver=base_solver)[0]  # fmt: skip
 
 
 def summary_row(samples: PosteriorSamples) -> dict[str, Any]:

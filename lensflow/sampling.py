@@ -29,9 +29,10 @@ from torch import Tensor
 from lensflow.checkpoint import TrainedControl, TrainedPosterior, available_feedback, load_control
 from lensflow.cutouts import cut_to_fov
 from lensflow.data import flux_factor, observation_input
-from lensflow.feedback import sample_feedback
+from lensflow.feedback import sample_feedback, split_steps
 from lensflow.observation import Observation
 from lensflow.params import FLUX_NAMES, NAMES, REGISTRY, scale_flux
+from lensflow.solvers import SOLVERS, get_solver
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,6 +47,7 @@ __all__ = [
     "resolve_normalize_flux",
     "sample_posterior",
     "sample_posteriors",
+    "sampler_settings",
     "samples_table",
     "summary_table",
 ]
@@ -61,12 +63,15 @@ class PosteriorSamples:
         log_prob: ``log q(theta | x)``, shape ``(N,)``, when the method provides it.
         method: ``"flow"``, ``"flow+gradient"``, ``"flow+learned"`` (``"flow+zero"`` for the
             ablation), ``"lenstronomy"`` or ``"emcee"``.
+        sampler: How the flow's ODE was integrated (``sampler_settings``): solver and steps
+            of each segment, simulator calls per sample; ``None`` for other methods.
     """
 
     theta: Tensor
     names: tuple[str, ...] = NAMES
     log_prob: Tensor | None = None
     method: str = "flow"
+    sampler: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.theta.ndim != 2 or self.theta.shape[1] != len(self.names):
@@ -147,6 +152,76 @@ def _lens_noise(seeds: Sequence[int], n: int, dim: int, like: Tensor) -> Tensor:
     return torch.stack(out, dim=1).to(like.device)
 
 
+def sampler_settings(
+    model: TrainedPosterior,
+    control: TrainedControl | None = None,
+    *,
+    n_steps: int | None = None,
+    solver: str | None = None,
+    control_steps: int | None = None,
+    base_solver: str | None = None,
+) -> dict[str, Any]:
+    """The ODE sampler a ``sample_posteriors`` call resolves to, with the defaults filled in.
+
+    Args:
+        model: The trained posterior.
+        control: The control net with feedback, else ``None``.
+        n_steps: Requested steps over ``[0, 1]`` (``None``: the control net's, else the
+            model's).
+        solver: Requested solver (``None``: the control net's, else the model's).
+        control_steps: Requested steps on ``[t_start, 1]`` (feedback only).
+        base_solver: Requested solver on ``[0, t_start]`` (feedback only).
+
+    Returns:
+        ``{"solver", "n_steps"}`` for the flow alone; with feedback also ``"t_start"``,
+        ``"base_solver"``, ``"base_steps"``, ``"control_steps"`` and
+        ``"simulator_calls_per_sample"`` (controlled steps times the solver's evaluations
+        per step; each call renders the lens and differentiates its chi^2).
+
+    Raises:
+        ValueError: For an unknown solver, bad step counts, or feedback-only settings
+            without feedback.
+
+    Example:
+        >>> from lensflow.checkpoint import load_control, load_model
+        >>> model = load_model("euclid")
+        >>> sampler_settings(model, n_steps=32)
+        {'solver': 'midpoint', 'n_steps': 32}
+        >>> s = sampler_settings(model, load_control("gradient", model), control_steps=4)
+        >>> s["control_steps"], s["simulator_calls_per_sample"]
+        (4, 4)
+    """
+    if control is None:
+        if control_steps is not None or base_solver is not None:
+            what = (f"control_steps={control_steps}" if control_steps is not None
+                    else f"base_solver={base_solver!r}")  # fmt: skip
+            raise ValueError(f"{what} needs feedback, but it is 'none'")
+        flow = model.posterior
+        name = solver or flow.solver
+        get_solver(name)
+        steps = n_steps or flow.n_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"n_steps must be an integer >= 1, got {steps!r}")
+        return {"solver": name, "n_steps": steps}
+    name = solver or control.solver
+    get_solver(name)
+    base = base_solver or control.base_solver or name
+    get_solver(base)
+    steps = n_steps or control.n_steps
+    if control_steps is None:
+        control_steps = control.control_steps
+    n_base, n_control = split_steps(steps, control.t_start, control_steps)
+    return {
+        "solver": name,
+        "n_steps": steps,
+        "t_start": control.t_start,
+        "base_solver": base,
+        "base_steps": n_base,
+        "control_steps": n_control,
+        "simulator_calls_per_sample": n_control * SOLVERS[name][1],
+    }
+
+
 def sample_posteriors(
     observations: Sequence[Observation],
     model: TrainedPosterior,
@@ -221,10 +296,8 @@ def sample_posteriors(
         control = None if kind == "none" else load_control(kind, model)
     if control is not None and use_log_prob:
         raise ValueError("log_prob is not available with feedback (use feedback='none')")
-    if control is None and control_steps is not None:
-        raise ValueError(f"control_steps={control_steps} needs feedback, but it is 'none'")
-    if control is None and base_solver is not None:
-        raise ValueError(f"base_solver={base_solver!r} needs feedback, but it is 'none'")
+    sampler = sampler_settings(model, control, n_steps=n_steps, solver=solver,
+                               control_steps=control_steps, base_solver=base_solver)  # fmt: skip
     method = "flow" if control is None else f"flow+{control.kind}"
     posterior = model.posterior
     parameter = next(posterior.parameters())
@@ -267,7 +340,7 @@ def sample_posteriors(
                 sample = scale_flux(sample, 1 / k)
                 if log_prob is not None:
                     log_prob = log_prob + len(FLUX_NAMES) * math.log(k)
-            out.append(PosteriorSamples(sample, NAMES, log_prob, method))
+            out.append(PosteriorSamples(sample, NAMES, log_prob, method, dict(sampler)))
     return out
 
 
@@ -285,6 +358,7 @@ def sample_posterior(
     normalize_flux: bool | None = None,
     control_steps: int | None = None,
     compile: bool = False,
+    base_solver: str | None = None,
 ) -> PosteriorSamples:
     """Posterior samples of one observation (:func:`sample_posteriors` for a single lens).
 
@@ -306,6 +380,8 @@ def sample_posterior(
             control net's).
         compile: With feedback, render through ``torch.compile`` (see
             :func:`sample_posteriors`).
+        base_solver: With feedback, the solver on ``[0, t_start]`` (see
+            :func:`sample_posteriors`).
 
     Returns:
         The samples, ``theta`` of shape ``(n, D)`` in physical units.
@@ -314,7 +390,8 @@ def sample_posterior(
                              seeds=None if seed is None else [seed], n_steps=n_steps,
                              solver=solver, use_log_prob=use_log_prob,
                              generator=generator, normalize_flux=normalize_flux,
-                             control_steps=control_steps, compile=compile)[0]  # fmt: skip
+                             control_steps=control_steps, compile=compile,
+                             base_solver=base_solver)[0]  # fmt: skip
 
 
 def samples_table(samples: PosteriorSamples) -> Table:

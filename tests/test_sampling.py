@@ -244,6 +244,44 @@ def test_feedback_ignores_masked_pixels(fb_model):
         assert torch.isfinite(a.theta).all()
 
 
+def test_sampler_settings_resolve_defaults_and_are_recorded_on_the_samples(fb_model):
+    from lensflow.checkpoint import load_control
+    from lensflow.sampling import sampler_settings
+
+    flow = fb_model.posterior
+    assert sampler_settings(fb_model) == {"solver": flow.solver, "n_steps": flow.n_steps}
+    control = load_control("gradient", fb_model)
+    s = sampler_settings(fb_model, control, n_steps=10)
+    # 10 steps with t_start = 0.8: 8 base steps, 2 controlled, one call each (Euler).
+    assert control.t_start == pytest.approx(0.8)
+    assert s == {
+        "solver": control.solver,
+        "n_steps": 10,
+        "t_start": control.t_start,
+        "base_solver": control.solver,
+        "base_steps": 8,
+        "control_steps": 2,
+        "simulator_calls_per_sample": 2 * {"euler": 1, "midpoint": 2}[control.solver],
+    }
+    s = sampler_settings(fb_model, control, n_steps=10, solver="midpoint", control_steps=3,
+                         base_solver="rk4")  # fmt: skip
+    assert (s["base_solver"], s["base_steps"], s["control_steps"]) == ("rk4", 8, 3)
+    assert s["simulator_calls_per_sample"] == 6  # 3 midpoint steps, 2 calls each
+    with pytest.raises(ValueError, match="base_solver='midpoint' needs feedback"):
+        sampler_settings(fb_model, base_solver="midpoint")
+    with pytest.raises(ValueError, match="unknown solver 'eular'"):
+        sampler_settings(fb_model, control, base_solver="eular")
+    obs = [_observation(seed=0), _observation(seed=1)]
+    out = sample_posteriors(obs, fb_model, 4, feedback="gradient", n_steps=10, seeds=[1, 2],
+                            base_solver="midpoint")  # fmt: skip
+    want = sampler_settings(fb_model, control, n_steps=10, base_solver="midpoint")
+    assert [o.sampler for o in out] == [want, want]
+    same = sample_posteriors(obs, fb_model, 4, feedback="gradient", n_steps=10, seeds=[1, 2])
+    assert not torch.allclose(out[0].theta, same[0].theta)  # the base solver was used
+    assert sample_posteriors(obs, fb_model, 4, n_steps=6)[0].sampler == {
+        "solver": flow.solver, "n_steps": 6}  # fmt: skip
+
+
 def test_missing_control_net_is_a_one_line_error(fb_model, tmp_path):
     from lensflow.checkpoint import available_feedback, save_model
 
@@ -289,6 +327,20 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--control-steps", "0",
                  "--out", str(out / "cs0")]) == 2  # fmt: skip
     assert "control_steps must be an integer >= 1, got 0" in capsys.readouterr().err
+    # --solver / --base-solver: the resolved sampler is printed and recorded.
+    assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--n-steps", "10",
+                 "--base-solver", "midpoint", "--out", str(out / "mid")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "8 midpoint steps to t = 0.8, then 2 euler steps with feedback" in printed
+    sampler = json.loads((out / "mid" / "provenance.json").read_text())["sampler"]
+    assert (sampler["base_solver"], sampler["base_steps"], sampler["solver"]) == (
+        "midpoint", 8, "euler")  # fmt: skip
+    assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--base-solver",
+                 "midpoint", "--feedback", "none", "--out", str(out / "mb")]) == 2  # fmt: skip
+    assert "base_solver='midpoint' needs feedback, but it is 'none'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse lists the solvers
+        main(["sample", str(fits_path), "--model", model, "--solver", "eular", "--out", str(out)])
+    assert "invalid choice: 'eular'" in capsys.readouterr().err
     assert main(["sample", str(fits_path), "--model", model, "-n", "12", "--feedback", "none",
                  "--out", str(out)]) == 0  # fmt: skip
     assert "feedback: no feedback" in capsys.readouterr().out
