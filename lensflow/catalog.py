@@ -352,6 +352,7 @@ def _fit_batch(
     pad: bool = False,
     fallback_prior: str = "default",
     compile: bool = False,
+    sampler: dict[str, Any] | None = None,
 ) -> list[_Outcome]:
     """Fit a batch in one ``fit_lenses`` call and render its files (the unit of work).
 
@@ -368,7 +369,7 @@ def _fit_batch(
             centers_pix=[t.center_pix for t in tasks],
             centers_radec=[t.center_radec for t in tasks],
             names=[t.id for t in tasks], device=device, fallback=fallback, pad=pad,
-            fallback_prior=fallback_prior, compile=compile,
+            fallback_prior=fallback_prior, compile=compile, **(sampler or {}),
         )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - one bad lens must not stop the catalog
         if len(tasks) == 1:
@@ -376,7 +377,7 @@ def _fit_batch(
         half = len(tasks) // 2
         kw = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots,
               "fallback": fallback, "pad": pad, "fallback_prior": fallback_prior,
-              "compile": compile}  # fmt: skip
+              "compile": compile, "sampler": sampler}  # fmt: skip
         return _fit_batch(tasks[:half], **kw) + _fit_batch(tasks[half:], **kw)
     share = (time.perf_counter() - t0) / len(tasks)
     outcomes = []
@@ -439,7 +440,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     old = _read_json(path)
     if old is not None:
         # Runs written before these settings existed had their defaults.
-        defaults = {"fallback": "none", "pad": False, "fallback_prior": "default"}
+        defaults = {"fallback": "none", "pad": False, "fallback_prior": "default",
+                    "n_steps": None, "control_steps": None, "solver": None,
+                    "base_solver": None}  # fmt: skip
         previous = {**defaults, **old.get("settings", {})}
         changed = [k for k in settings if previous.get(k) != settings[k]]
         if changed:
@@ -451,6 +454,23 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         return
     record = {"settings": settings, "lensflow_version": __version__}
     _atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _check_sampler(sampler: dict[str, Any], feedback: str) -> None:
+    """Refuse bad sampler settings before any lens is fitted (not as one failure per lens)."""
+    from lensflow.solvers import get_solver
+
+    for key in ("solver", "base_solver"):
+        if sampler[key] is not None:
+            get_solver(sampler[key])
+    for key, least in (("n_steps", 1 if feedback == "none" else 2), ("control_steps", 1)):
+        k = sampler[key]
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < least):
+            raise ValueError(f"{key} must be an integer >= {least}, got {k!r}")
+    if feedback == "none":
+        for key in ("control_steps", "base_solver"):
+            if sampler[key] is not None:
+                raise ValueError(f"{key}={sampler[key]!r} needs feedback, but it is 'none'")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -562,6 +582,10 @@ def run_catalog(
     pad: bool = False,
     fallback_prior: str = "default",
     compile: bool = False,
+    n_steps: int | None = None,
+    control_steps: int | None = None,
+    solver: str | None = None,
+    base_solver: str | None = None,
 ) -> Table:
     """Fit every lens of a catalog, resumably; write per-lens folders and a results table.
 
@@ -590,6 +614,13 @@ def run_catalog(
         compile: Render the feedback through ``torch.compile`` (``fit.fit_lenses``): each
             worker compiles once (tens of seconds on a GPU) and then fits faster. Not a
             setting of the run: the results agree with uncompiled ones to float32 rounding.
+        n_steps: ODE steps (default: the control net's with feedback, else the model's).
+        control_steps: With feedback, steps on ``[t_start, 1]``, one simulator call per
+            sample each (default: the control net's).
+        solver: ODE solver (default: the control net's, else the model's).
+        base_solver: With feedback, the solver on ``[0, t_start]`` (default: the control
+            net's). The four sampler settings are settings of the run (``run.json``); each
+            lens's resolved sampler is in its ``provenance.json``.
 
     Returns:
         The results table (also written to ``out/results.ecsv`` and ``.fits``), with
@@ -616,6 +647,9 @@ def run_catalog(
     if fallback_prior not in PRIOR_CHOICES:
         raise ValueError(f"unknown fallback prior {fallback_prior!r}; choose "
                          f"{', '.join(PRIOR_CHOICES)}")  # fmt: skip
+    sampler = {"n_steps": n_steps, "control_steps": control_steps, "solver": solver,
+               "base_solver": base_solver}  # fmt: skip
+    _check_sampler(sampler, feedback)
     if n < 1 or (batch_size is not None and batch_size < 1) or n_workers < 1:
         raise ValueError(f"n, batch_size and workers must be >= 1 (got {n}, {batch_size}, "
                          f"{n_workers})")  # fmt: skip
@@ -627,7 +661,7 @@ def run_catalog(
     out.mkdir(parents=True, exist_ok=True)
     settings = {"n": n, "feedback": feedback, "seed": seed, "preset": preset,
                 "model": None if model is None else str(model), "fallback": fallback,
-                "pad": pad, "fallback_prior": fallback_prior}  # fmt: skip
+                "pad": pad, "fallback_prior": fallback_prior, **sampler}  # fmt: skip
     _check_settings(out, settings)
     base = Path(catalog.meta.get("catalog_path", "catalog")).parent
     lenses = []
@@ -649,7 +683,7 @@ def run_catalog(
     counts = {"ok": 0, "failed": 0}
     options = {"n": n, "feedback": feedback, "model": model, "device": device, "plots": plots,
                "fallback": fallback, "pad": pad, "fallback_prior": fallback_prior,
-               "compile": compile}  # fmt: skip
+               "compile": compile, "sampler": sampler}  # fmt: skip
     from tqdm import tqdm
 
     with tqdm(total=len(lenses), initial=len(done), unit="lens", desc="catalog",

@@ -57,10 +57,16 @@ def _add_compile_arg(p: argparse.ArgumentParser) -> None:
                    "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
 
 
-def _add_solver_args(p: argparse.ArgumentParser) -> None:
-    """``--solver`` and ``--base-solver`` of the commands that sample (sample, fit)."""
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """The ODE sampler's arguments of the commands that sample (sample, fit, catalog)."""
     from lensflow.solvers import SOLVERS
 
+    p.add_argument("--n-steps", type=int, help="ODE steps (default: the control net's with "
+                   "feedback, else the model's)")  # fmt: skip
+    p.add_argument("--control-steps", type=int, metavar="K",
+                   help="with feedback: steps after t_start, one simulator call per sample each "
+                   "(default: the control net's; 4 halves the cost of the default 8, "
+                   "docs/feedback.md)")  # fmt: skip
     p.add_argument("--solver", choices=sorted(SOLVERS),
                    help="ODE solver (default: the control net's with feedback, else the "
                    "model's)")  # fmt: skip
@@ -474,7 +480,8 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         preset=args.preset, model=args.model, batch_size=args.batch_size, scheduler=scheduler,
         n_workers=args.workers, device=args.device, plots=not args.no_plots,
         progress=not args.quiet, fallback=args.fallback, pad=args.pad,
-        fallback_prior=args.fallback_prior, compile=args.compile,
+        fallback_prior=args.fallback_prior, compile=args.compile, n_steps=args.n_steps,
+        control_steps=args.control_steps, solver=args.solver, base_solver=args.base_solver,
     )  # fmt: skip
     m = table.meta
     ok = table["status"] == "ok"
@@ -712,13 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="PRESET_OR_PATH",
                    help="shipped model name (euclid, hst) or a model path")  # fmt: skip
     p.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
-    p.add_argument("--n-steps", type=int, help="ODE steps (default: the control net's with "
-                   "feedback, else the model's)")  # fmt: skip
-    p.add_argument("--control-steps", type=int, metavar="K",
-                   help="with feedback: steps after t_start, one simulator call per sample each "
-                   "(default: the control net's; 4 halves the cost of the default 8, "
-                   "docs/feedback.md)")  # fmt: skip
-    _add_solver_args(p)
+    _add_sampler_args(p)
     _add_compile_arg(p)
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback: auto (gradient if its control net exists, else "
@@ -792,12 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback (default auto: gradient when shipped)")  # fmt: skip
     p.add_argument("-n", type=int, default=10_000, help="number of samples (default: 10000)")
-    p.add_argument("--n-steps", type=int, help="ODE steps (default: the model's)")
-    p.add_argument("--control-steps", type=int, metavar="K",
-                   help="with feedback: steps after t_start, one simulator call per sample each "
-                   "(default: the control net's; 4 halves the cost of the default 8, "
-                   "docs/feedback.md)")  # fmt: skip
-    _add_solver_args(p)
+    _add_sampler_args(p)
     _add_compile_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
@@ -867,6 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", help="catalog table (ECSV, FITS or CSV)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
     p.add_argument("-n", type=int, default=1000, help="samples per lens (default: 1000)")
+    _add_sampler_args(p)
     _add_compile_arg(p)
     p.add_argument("--feedback", default="auto", choices=["auto", "gradient", "learned", "none"],
                    help="simulator feedback (default auto: gradient when shipped)")  # fmt: skip

@@ -250,6 +250,32 @@ def test_run_catalog_refuses_other_settings_in_same_folder(tmp_path, one_thread)
                     fallback_prior="open")  # fmt: skip
     again = run_catalog(path, tmp_path / "o", n=50, plots=False, progress=False)
     assert again.meta["n_skipped"] == 1 and again.meta["n_ok"] == 0
+    with pytest.raises(ValueError, match="holds a catalog run with control_steps=None"):
+        run_catalog(path, tmp_path / "o", n=50, plots=False, progress=False, control_steps=2)
+
+
+def test_run_catalog_sampler_settings_reach_each_lens_and_bad_ones_fail_early(
+    tmp_path, one_thread, capsys
+):
+    path = _demo_rows(tmp_path, ["demo_02"])
+    kw = {"n": 20, "plots": False, "progress": False}
+    run_catalog(path, tmp_path / "s", n_steps=20, control_steps=2, base_solver="midpoint", **kw)
+    prov = json.loads((tmp_path / "s" / "lenses" / "demo_02" / "provenance.json").read_text())
+    assert {k: prov["sampler"][k] for k in ("base_solver", "base_steps", "control_steps")} == {
+        "base_solver": "midpoint", "base_steps": 16, "control_steps": 2}  # fmt: skip
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["settings"]["n_steps"] == 20
+    bad = [({"control_steps": 2, "feedback": "none"}, "control_steps=2 needs feedback"),
+           ({"base_solver": "midpoint", "feedback": "none"}, "base_solver='midpoint' needs"),
+           ({"solver": "eular"}, "unknown solver 'eular'"),
+           ({"n_steps": 1}, "n_steps must be an integer >= 2, got 1"),
+           ({"control_steps": 0}, "control_steps must be an integer >= 1, got 0")]  # fmt: skip
+    for extra, message in bad:
+        with pytest.raises(ValueError, match=message):
+            run_catalog(path, tmp_path / "bad", **kw, **extra)
+        assert not (tmp_path / "bad").exists()  # refused before any output
+    args = ["catalog", str(path), "--out", str(tmp_path / "bad"), "--feedback", "none"]
+    assert main([*args, "--base-solver", "midpoint"]) == 2  # a one-line error, no traceback
+    assert "base_solver='midpoint' needs feedback" in capsys.readouterr().err
 
 
 def _cli(catalog: Path, out: Path, *extra: str) -> list[str]:
