@@ -135,6 +135,14 @@ def evaluate(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     source = SimulatedPairs(model.simulator, dataclasses.replace(model.data, **overrides))
     test = source.sample(args.n_lenses, generator=torch.Generator().manual_seed(args.seed))
+    n_lenses = args.n_lenses
+    if args.first_lenses is not None:  # the first K of the same n_lenses draw
+        if not 1 <= args.first_lenses <= args.n_lenses:
+            raise SystemExit(f"--first-lenses must be in [1, {args.n_lenses}]")
+        n_lenses = args.first_lenses
+        test = test.select(torch.arange(n_lenses))
+        stored = {k: (theta[:, :n_lenses] if theta.shape[1] == args.n_lenses else theta, info)
+                  for k, (theta, info) in stored.items()}  # fmt: skip
     if args.lenstronomy_numerics != "none":  # the same lenses and noise, rendered by lenstronomy
         from lensflow.baselines.lenstronomy import lenstronomy_pairs
 
@@ -150,7 +158,7 @@ def evaluate(args: argparse.Namespace) -> None:
     with torch.no_grad():
         chi2_truth = cost(transform.to_u(truth), obs)
         chi2_truth_exact = exact(transform.to_u(truth), obs_exact)
-    seeds = [args.seed * 1000 + i for i in range(args.n_lenses)]
+    seeds = [args.seed * 1000 + i for i in range(n_lenses)]
     results = []
     drawn = {}
     for spec in args.variants:
@@ -171,12 +179,12 @@ def evaluate(args: argparse.Namespace) -> None:
             theta, info = stored[name]
             if info["sampler"] != sampler_name or tuple(theta.shape[:2]) != (
                 args.n_samples,
-                args.n_lenses,
+                n_lenses,
             ):
                 raise SystemExit(f"{args.samples_npz}: variant {name!r} was drawn with "
                                  f"{info['sampler']}, {tuple(theta.shape[:2])} (samples, "
                                  f"lenses); asked for {sampler_name}, "
-                                 f"{(args.n_samples, args.n_lenses)}")  # fmt: skip
+                                 f"{(args.n_samples, n_lenses)}")  # fmt: skip
             seconds, method, device = info["sampling_s"], info["method"], info["device"]
         else:
             if sampler is not model:
@@ -246,7 +254,8 @@ def evaluate(args: argparse.Namespace) -> None:
             return "-"
         return f"{100 * r[a]:+.0f}% / {100 * r[b]:+.0f}%"
 
-    print(f"\n{args.n_lenses} held-out lenses (seed {args.seed}) x {args.n_samples} samples; "
+    first = "" if n_lenses == args.n_lenses else f" (the first {n_lenses} of {args.n_lenses})"
+    print(f"\n{n_lenses} held-out lenses{first} (seed {args.seed}) x {args.n_samples} samples; "
           f"truth reduced chi^2 (obs PSF) mean {truths['chi2_mean']:.4f}, median "
           f"{truths['chi2_median']:.4f}; (exact) mean {truths['chi2_exact_mean']:.4f}, median "
           f"{truths['chi2_exact_median']:.4f}; {masks['lenses_masked']} lenses masked, "
@@ -328,6 +337,10 @@ def main() -> None:
         help="--evaluate: 'none' and NAME=CONTROL_JSON entries",
     )
     p.add_argument("--lens-chunk", type=int, default=20, help="--evaluate: lenses per solve")
+    p.add_argument("--first-lenses", type=int, metavar="K",
+                   help="--evaluate: sample and score only the first K of the --n-lenses "
+                   "held-out lenses (the same lenses, seeds and samples as in the full set; "
+                   "stored --samples-npz draws of all of them are cut to K)")  # fmt: skip
     p.add_argument(
         "--psf-kernel",
         choices=["point", "pooled"],
