@@ -68,11 +68,12 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
                    "(default: the control net's; 4 halves the cost of the default 8, "
                    "docs/feedback.md)")  # fmt: skip
     p.add_argument("--solver", choices=sorted(SOLVERS),
-                   help="ODE solver (default: the control net's with feedback, else the "
-                   "model's)")  # fmt: skip
+                   help="ODE solver, of both segments with feedback unless --base-solver "
+                   "(default: the control net's, else the model's)")  # fmt: skip
     p.add_argument("--base-solver", choices=sorted(SOLVERS),
                    help="with feedback: the solver before t_start, where only the base flow "
-                   "acts (no simulator calls; default: the control net's; docs/feedback.md)")  # fmt: skip
+                   "acts (no simulator calls; default: --solver where given, else the control "
+                   "net's; docs/feedback.md)")  # fmt: skip
 
 
 def _load_observation(args: argparse.Namespace) -> Observation:
@@ -220,7 +221,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     normalize = resolve_normalize_flux(model, args.normalize_flux)
     samples = sample_posterior(obs, model, config.n_samples, feedback=control or "none",
-                               seed=config.seed, n_steps=config.n_steps, solver=config.solver,
+                               seed=config.seed, n_steps=config.n_steps, solver=args.solver,
                                normalize_flux=normalize,
                                control_steps=args.control_steps,
                                compile=args.compile, base_solver=args.base_solver)  # fmt: skip

@@ -873,7 +873,8 @@ class ControlledPosterior(nn.Module):
             generator: Torch generator for the base noise.
             noise: Base noise ``(n, B, D)`` instead of drawing it.
             control_steps: Steps on ``[t_start, 1]`` (default ``self.control_steps``).
-            base_solver: Solver on ``[0, t_start]`` (default ``self.base_solver``).
+            base_solver: Solver on ``[0, t_start]`` (default: ``solver`` where given, else
+                ``self.base_solver``, else ``self.solver``).
 
         Returns:
             ``theta`` samples, shape ``(n, B, D)``.
@@ -969,14 +970,16 @@ def sample_feedback(
             observation, so a lens's samples do not depend on its batch neighbours).
         control_steps: Steps on ``[t_start, 1]`` (default ``posterior.control_steps``, and
             where that is ``None`` the share of ``n_steps`` above).
-        base_solver: Solver on ``[0, t_start]`` (default ``posterior.base_solver``, and
-            where that is ``None`` the solver of the controlled segment). The base segment
-            costs network evaluations only: a second-order solver there (``midpoint``
-            with half the steps) keeps the network cost of Euler and the simulator calls.
+        base_solver: Solver on ``[0, t_start]``. Default: ``solver`` where it is given (an
+            explicit solver applies to both segments), else ``posterior.base_solver``, else
+            ``posterior.solver``. The base segment costs network evaluations only: a
+            second-order solver there (``midpoint`` with half the steps) keeps the network
+            cost of Euler and the simulator calls.
 
     Returns:
         The samples and the number of signal calls per sample.
     """
+    base_solver = base_solver or solver or posterior.base_solver or posterior.solver
     solver = solver or posterior.solver
     if control_steps is None:
         control_steps = posterior.control_steps
@@ -991,7 +994,7 @@ def sample_feedback(
     rows = torch.arange(b, device=h.device).repeat(n)
     z = base_noise(n, b, field.dim, h, generator=generator, noise=noise)
     solve = get_solver(solver)
-    solve_base = get_solver(base_solver or posterior.base_solver or solver)
+    solve_base = get_solver(base_solver)
     t_start = posterior.t_start
     u = solve_base(lambda t, u_t: posterior.base.drift(u_t, t, h_rep), z, n_steps=n_base,
                    t1=t_start)  # fmt: skip

@@ -170,7 +170,9 @@ def sampler_settings(
             model's).
         solver: Requested solver (``None``: the control net's, else the model's).
         control_steps: Requested steps on ``[t_start, 1]`` (feedback only).
-        base_solver: Requested solver on ``[0, t_start]`` (feedback only).
+        base_solver: Requested solver on ``[0, t_start]`` (feedback only; ``None``: the
+            requested ``solver`` where given, else the control net's base solver, else its
+            solver).
 
     Returns:
         ``{"solver", "n_steps"}`` for the flow alone; with feedback also ``"t_start"``,
@@ -205,7 +207,7 @@ def sampler_settings(
         return {"solver": name, "n_steps": steps}
     name = solver or control.solver
     get_solver(name)
-    base = base_solver or control.base_solver or name
+    base = base_solver or solver or control.base_solver or name
     get_solver(base)
     steps = n_steps or control.n_steps
     if control_steps is None:
@@ -273,7 +275,8 @@ def sample_posteriors(
             the first call in a process compiles, so it is for catalogs and long runs
             (docs/benchmarks.md has what it saves).
         base_solver: With feedback, the solver on ``[0, t_start]`` where only the base flow
-            acts (default: the control net's, else ``solver``; docs/feedback.md).
+            acts (default: ``solver`` where given, else the control net's base solver, else
+            its solver; docs/feedback.md).
 
     Returns:
         One ``PosteriorSamples`` per observation, in order, on the model's device;

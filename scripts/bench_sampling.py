@@ -115,26 +115,26 @@ def main() -> None:
 def _bench_feedback(model, pairs: SimulatedPairs, args, device: torch.device) -> None:
     """Time ``sample_posteriors`` with a control net: the user's path, observations in."""
     from lensflow.checkpoint import load_control
-    from lensflow.feedback import signal_calls_per_sample
-    from lensflow.sampling import sample_posteriors
+    from lensflow.sampling import sample_posteriors, sampler_settings
 
     control = load_control(args.feedback, model)
     test = pairs.sample(args.feedback_lenses, generator=torch.Generator(device).manual_seed(1))
     observations = pairs.observations(test)
-    samplers = args.feedback_samplers or [
-        (control.solver, control.n_steps, args.control_steps or control.control_steps)
-    ]
+    # The control net's own sampler by default; an explicit SOLVER applies to both segments.
+    samplers = args.feedback_samplers or [(None, None, args.control_steps)]
     for solver, n_steps, control_steps in samplers:
-        calls = signal_calls_per_sample(n_steps, solver, control.t_start, control_steps)
-        print(f"\n# feedback {control.kind} ({control.path}): {solver} x {n_steps} steps"
-              + (f" ({control_steps} after t_start)" if control_steps else "")
-              + f", t_start {control.t_start}, {calls} simulator calls with gradient per "
-              "sample")  # fmt: skip
+        s = sampler_settings(model, control, n_steps=n_steps, solver=solver,
+                             control_steps=control_steps)  # fmt: skip
+        print(f"\n# feedback {control.kind} ({control.path}): {s['base_steps']} "
+              f"{s['base_solver']} steps to t_start {s['t_start']}, then {s['control_steps']} "
+              f"{s['solver']} steps; {s['simulator_calls_per_sample']} simulator calls with "
+              "gradient per sample")  # fmt: skip
 
-        def feedback(b: int, n: int, solver=solver, n_steps=n_steps, cs=control_steps) -> None:
+        def feedback(b: int, n: int, s=s) -> None:
             sample_posteriors(observations[:b], model, n, feedback=control,
                               generator=torch.Generator(device).manual_seed(0),
-                              solver=solver, n_steps=n_steps, control_steps=cs,
+                              solver=s["solver"], n_steps=s["n_steps"],
+                              control_steps=s["control_steps"], base_solver=s["base_solver"],
                               compile=args.compile)  # fmt: skip
 
         cases = [

@@ -169,7 +169,8 @@ def evaluate(args: argparse.Namespace) -> None:
         control_steps = base_solver = None
         if name != "none":
             control_steps = args.control_steps or feedback.control_steps
-            base_solver = args.base_solver or feedback.base_solver
+            # As sample_feedback: an explicit --solver applies to both segments.
+            base_solver = args.base_solver or args.solver or feedback.base_solver
         sampler_name = (
             f"{solver} {n_steps}"
             + (f", {control_steps} control steps" if control_steps else "")

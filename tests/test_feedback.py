@@ -222,10 +222,14 @@ def test_sample_feedback_base_solver_changes_the_base_segment_only():
     same = sample_feedback(post, x, obs, 5, n_steps=20, solver="euler", control_steps=8,
                            noise=z)  # fmt: skip
     assert not torch.allclose(same.u, out.u)  # Euler in the base segment differs
-    post.base_solver = "midpoint"  # the posterior's default
+    post.base_solver = "midpoint"  # the posterior's default (its solver is Euler)
+    torch.testing.assert_close(
+        sample_feedback(post, x, obs, 5, n_steps=20, control_steps=8, noise=z).u, out.u
+    )
+    # An explicit solver applies to both segments, over the posterior's base solver.
     torch.testing.assert_close(
         sample_feedback(post, x, obs, 5, n_steps=20, solver="euler", control_steps=8,
-                        noise=z).u, out.u)  # fmt: skip
+                        noise=z).u, same.u)  # fmt: skip
     with pytest.raises(ValueError, match="leapfrog"):
         ControlledPosterior(post.base, post.control, post.signal, base_solver="leapfrog")
 

@@ -162,12 +162,14 @@ def test_fit_control_steps_reach_the_sampler_and_the_provenance(tmp_path):
     assert not torch.allclose(one.samples.theta, two.samples.theta)
     with pytest.raises(ValueError, match="control_steps=1 needs feedback, but it is 'none'"):
         fit_lens(obs, control_steps=1, **(kw | {"feedback": "none"}))
-    # The resolved sampler is in the provenance; base_solver reaches the sampler.
+    # The resolved sampler is in the provenance (the shipped default's midpoint base
+    # segment); base_solver reaches the sampler.
     assert one.provenance["sampler"]["control_steps"] == 1
     assert one.provenance["sampler"]["base_steps"] == 8
-    mid = fit_lens(obs, control_steps=1, base_solver="midpoint", **kw)
-    assert mid.provenance["sampler"]["base_solver"] == "midpoint"
-    assert not torch.allclose(mid.samples.theta, one.samples.theta)
+    assert one.provenance["sampler"]["base_solver"] == "midpoint"
+    euler = fit_lens(obs, control_steps=1, base_solver="euler", **kw)
+    assert euler.provenance["sampler"]["base_solver"] == "euler"
+    assert not torch.allclose(euler.samples.theta, one.samples.theta)
 
 
 def test_fit_with_forced_flux_normalization_ignores_units_and_records_the_factor():

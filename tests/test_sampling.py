@@ -1,5 +1,6 @@
 """Posterior sampling of observations, the samples record, and the train/sample CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -266,6 +267,12 @@ def test_sampler_settings_resolve_defaults_and_are_recorded_on_the_samples(fb_mo
     s = sampler_settings(fb_model, control, n_steps=10, solver="midpoint", control_steps=3,
                          base_solver="rk4")  # fmt: skip
     assert (s["base_solver"], s["base_steps"], s["control_steps"]) == ("rk4", 8, 3)
+    # A control net whose sidecar asks for a midpoint base: used unless a solver is given.
+    mid = dataclasses.replace(control, base_solver="midpoint")
+    assert sampler_settings(fb_model, mid)["base_solver"] == "midpoint"
+    assert sampler_settings(fb_model, mid, solver="rk4")["base_solver"] == "rk4"
+    assert sampler_settings(fb_model, mid, solver="rk4", base_solver="heun")["base_solver"] == (
+        "heun")  # fmt: skip
     assert s["simulator_calls_per_sample"] == 6  # 3 midpoint steps, 2 calls each
     with pytest.raises(ValueError, match="base_solver='midpoint' needs feedback"):
         sampler_settings(fb_model, base_solver="midpoint")
