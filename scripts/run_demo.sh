@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The main job on the shipped defaults (CPU is enough; a few minutes): fit the demo catalog
 # (12 Euclid-like mock lenses rendered by lenstronomy) with the shipped euclid model and its
-# gradient-feedback control net (200 samples per lens: feedback costs 20-70 ms of CPU per
-# sample), plot its calibration against the known truths and a paper-style corner plot of
-# one lens, and, where ../shared is present, fit a real Euclid Q1 lens: the flow is flagged
+# gradient-feedback control net (200 samples per lens: 220 s for the 12 on one core),
+# plot its calibration against the known truths and a paper-style corner plot of one
+# lens, and, where ../shared is present, fit a real Euclid Q1 lens: the flow is flagged
 # there (the shipped networks miss real lenses, docs/real-lenses.md), so the fit falls back
-# to emcee on the same likelihood (5-8 more minutes on one core), which finds the
-# reference theta_E of 0.849".
+# to emcee on the same likelihood (18 more minutes on one core of a 2-core VM, README),
+# which finds the reference theta_E of 0.849".
 source "$(dirname "$0")/_env.sh" plots,baselines
 OUT="${1:-$ROOT/lensflow-demo}"
 mkdir -p "$OUT"
@@ -21,7 +21,7 @@ lensflow corner "$OUT/catalog/lenses/demo_03" --truths catalogs/demo_truth.ecsv 
 REAL="$ROOT/../shared/data/real_lenses/EuclidQ1_102018665_NEG570040238507752998"
 if [ -d "$REAL" ]; then
     echo ">> lensflow fit: a real Euclid Q1 lens (VIS; reference theta_E 0.849\" from PyAutoLens)"
-    echo "   the flow is flagged on it, so --fallback mcmc re-runs it with emcee (5-8 min)"
+    echo "   the flow is flagged on it, so --fallback mcmc re-runs it with emcee (~20 min on one core)"
     lensflow fit "$REAL/102018665_NEG570040238507752998.fits" --band VIS -n 500 \
         --fallback mcmc --out "$OUT/real_NEG570040238507752998"
 fi
