@@ -618,8 +618,8 @@ def run_catalog(
         control_steps: With feedback, steps on ``[t_start, 1]``, one simulator call per
             sample each (default: the control net's).
         solver: ODE solver (default: the control net's, else the model's).
-        base_solver: With feedback, the solver on ``[0, t_start]`` (default: the control
-            net's). The four sampler settings are settings of the run (``run.json``); each
+        base_solver: With feedback, the solver on ``[0, t_start]`` (default: ``solver``
+            where given, else the control net's). The four sampler settings are settings of the run (``run.json``); each
             lens's resolved sampler is in its ``provenance.json``.
 
     Returns:

@@ -745,8 +745,9 @@ def fit_lenses(
             GPU), later ones run faster (docs/benchmarks.md); for catalogs.
         solver: ODE solver (default: the control network's or the model's).
         base_solver: With feedback, the solver on ``[0, t_start]`` where only the base
-            flow acts (default: the control network's; docs/feedback.md). The samplers
-            used are recorded in each result's ``provenance["sampler"]``.
+            flow acts (default: ``solver`` where given, else the control network's;
+            docs/feedback.md). The samplers used are recorded in each result's
+            ``provenance["sampler"]``.
 
     Returns:
         One ``FitResult`` per observation, in order.

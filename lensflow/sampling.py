@@ -329,10 +329,17 @@ def sample_posteriors(
                                      noise=noise)  # fmt: skip
         else:
             controlled, data = control.posterior(part, compile=compile)
-            theta = sample_feedback(controlled, x, data, n, n_steps=n_steps, solver=solver,
+            drawn = sample_feedback(controlled, x, data, n, n_steps=n_steps, solver=solver,
                                     generator=generator, noise=noise,
                                     control_steps=control_steps,
-                                    base_solver=base_solver).theta  # fmt: skip
+                                    base_solver=base_solver)  # fmt: skip
+            ran = (drawn.base_solver, drawn.n_steps_base, drawn.solver, drawn.n_steps_control,
+                   drawn.n_signal_calls)  # fmt: skip
+            keys = ("base_solver", "base_steps", "solver", "control_steps",
+                    "simulator_calls_per_sample")  # fmt: skip
+            if ran != tuple(sampler[k] for k in keys):  # the record must be what ran
+                raise RuntimeError(f"sampler record {sampler} differs from the run {ran}")
+            theta = drawn.theta
         for b in range(x.shape[0]):
             log_prob, sample = None, theta[:, b]
             if use_log_prob:
