@@ -201,6 +201,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from lensflow.checkpoint import load_control, load_model, model_path
     from lensflow.config import SampleConfig, run_provenance
     from lensflow.sampling import (
+        describe_sampler,
         resolve_feedback,
         resolve_normalize_flux,
         sample_posterior,
@@ -245,7 +246,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    "compile": args.compile}  # fmt: skip
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     how = "no feedback" if control is None else f"{kind} feedback ({control.path.name})"
-    print(f"feedback: {how} [requested: {args.feedback}]; {_describe_sampler(samples.sampler)}, "
+    print(f"feedback: {how} [requested: {args.feedback}]; {describe_sampler(samples.sampler)}, "
           f"{seconds:.1f} s")  # fmt: skip
     print(f"wrote {config.n_samples} samples of {obs.name or args.image} to {out}/samples.ecsv")
     return 0
@@ -357,18 +358,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if out.resolve() != model.path.parent.resolve():
         print(f"copy both files beside {model.path} to make them its default feedback")
     return 0
-
-
-def _describe_sampler(sampler: dict | None) -> str:
-    """One line on a ``sampling.sampler_settings`` record, e.g. for the sample command."""
-    if not sampler:
-        return "no ODE sampler"
-    if "base_steps" not in sampler:
-        return f"{sampler['solver']}, {sampler['n_steps']} steps"
-    return (f"{sampler['base_steps']} {sampler['base_solver']} steps to t = "
-            f"{sampler['t_start']:g}, then {sampler['control_steps']} {sampler['solver']} "
-            f"steps with feedback ({sampler['simulator_calls_per_sample']} simulator calls "
-            "per sample)")  # fmt: skip
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:

@@ -896,8 +896,6 @@ class FeedbackSamples:
             ``GradientSignal``) per sample.
         n_steps_base: Solver steps on ``[0, t_start]``.
         n_steps_control: Solver steps on ``[t_start, 1]``.
-        base_solver: Solver used on ``[0, t_start]``.
-        solver: Solver used on ``[t_start, 1]``.
     """
 
     theta: Tensor
@@ -905,8 +903,6 @@ class FeedbackSamples:
     n_signal_calls: int
     n_steps_base: int
     n_steps_control: int
-    base_solver: str = ""
-    solver: str = ""
 
 
 def _check_control_steps(control_steps: int | None) -> int | None:
@@ -1013,8 +1009,7 @@ def sample_feedback(
 
     u = solve(controlled, u, n_steps=n_control, t0=t_start, t1=1.0)
     u = u.reshape(n, b, field.dim)
-    return FeedbackSamples(posterior.transform.from_u(u), u, calls, n_base, n_control,
-                           base_solver, solver)  # fmt: skip
+    return FeedbackSamples(posterior.transform.from_u(u), u, calls, n_base, n_control)
 
 
 def signal_calls_per_sample(

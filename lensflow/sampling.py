@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FEEDBACK_CHOICES",
     "PosteriorSamples",
+    "describe_sampler",
     "read_samples",
     "registry_values",
     "resolve_feedback",
@@ -224,6 +225,30 @@ def sampler_settings(
     }
 
 
+def describe_sampler(sampler: dict[str, Any] | None) -> str:
+    """One line on a ``sampler_settings`` record (``PosteriorSamples.sampler``).
+
+    Args:
+        sampler: The record, or ``None`` (samples not drawn by the flow).
+
+    Returns:
+        E.g. ``"midpoint, 32 steps"``, or with feedback ``"16 midpoint steps to t = 0.8,
+        then 8 euler steps with feedback (8 simulator calls per sample)"``.
+
+    Example:
+        >>> describe_sampler({"solver": "midpoint", "n_steps": 32})
+        'midpoint, 32 steps'
+    """
+    if not sampler:
+        return "no ODE sampler"
+    if "base_steps" not in sampler:
+        return f"{sampler['solver']}, {sampler['n_steps']} steps"
+    return (f"{sampler['base_steps']} {sampler['base_solver']} steps to t = "
+            f"{sampler['t_start']:g}, then {sampler['control_steps']} {sampler['solver']} "
+            f"steps with feedback ({sampler['simulator_calls_per_sample']} simulator calls "
+            "per sample)")  # fmt: skip
+
+
 def sample_posteriors(
     observations: Sequence[Observation],
     model: TrainedPosterior,
@@ -324,27 +349,22 @@ def sample_posteriors(
         noise = None
         if seeds is not None:
             noise = _lens_noise(seeds[start : start + chunk], n, dim, parameter)
+        # The resolved settings go in explicitly, so the record is what runs.
         if control is None:
-            theta = posterior.sample(x, n, n_steps=n_steps, solver=solver, generator=generator,
-                                     noise=noise)  # fmt: skip
+            theta = posterior.sample(x, n, n_steps=sampler["n_steps"], solver=sampler["solver"],
+                                     generator=generator, noise=noise)  # fmt: skip
         else:
             controlled, data = control.posterior(part, compile=compile)
-            drawn = sample_feedback(controlled, x, data, n, n_steps=n_steps, solver=solver,
-                                    generator=generator, noise=noise,
-                                    control_steps=control_steps,
-                                    base_solver=base_solver)  # fmt: skip
-            ran = (drawn.base_solver, drawn.n_steps_base, drawn.solver, drawn.n_steps_control,
-                   drawn.n_signal_calls)  # fmt: skip
-            keys = ("base_solver", "base_steps", "solver", "control_steps",
-                    "simulator_calls_per_sample")  # fmt: skip
-            if ran != tuple(sampler[k] for k in keys):  # the record must be what ran
-                raise RuntimeError(f"sampler record {sampler} differs from the run {ran}")
-            theta = drawn.theta
+            theta = sample_feedback(controlled, x, data, n, n_steps=sampler["n_steps"],
+                                    solver=sampler["solver"], generator=generator, noise=noise,
+                                    control_steps=sampler["control_steps"],
+                                    base_solver=sampler["base_solver"]).theta  # fmt: skip
         for b in range(x.shape[0]):
             log_prob, sample = None, theta[:, b]
             if use_log_prob:
                 x_rep = x[b : b + 1].expand(n, *x.shape[1:])
-                log_prob = posterior.log_prob(sample, x_rep, n_steps=n_steps, solver=solver)
+                log_prob = posterior.log_prob(sample, x_rep, n_steps=sampler["n_steps"],
+                                              solver=sampler["solver"])  # fmt: skip
             k = factors[start + b]
             if k != 1.0:  # back to the cutout's units; q(theta) = q_k(k theta) k^m
                 sample = scale_flux(sample, 1 / k)

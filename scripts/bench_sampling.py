@@ -115,7 +115,7 @@ def main() -> None:
 def _bench_feedback(model, pairs: SimulatedPairs, args, device: torch.device) -> None:
     """Time ``sample_posteriors`` with a control net: the user's path, observations in."""
     from lensflow.checkpoint import load_control
-    from lensflow.sampling import sample_posteriors, sampler_settings
+    from lensflow.sampling import describe_sampler, sample_posteriors, sampler_settings
 
     control = load_control(args.feedback, model)
     test = pairs.sample(args.feedback_lenses, generator=torch.Generator(device).manual_seed(1))
@@ -125,10 +125,7 @@ def _bench_feedback(model, pairs: SimulatedPairs, args, device: torch.device) ->
     for solver, n_steps, control_steps in samplers:
         s = sampler_settings(model, control, n_steps=n_steps, solver=solver,
                              control_steps=control_steps)  # fmt: skip
-        print(f"\n# feedback {control.kind} ({control.path}): {s['base_steps']} "
-              f"{s['base_solver']} steps to t_start {s['t_start']}, then {s['control_steps']} "
-              f"{s['solver']} steps; {s['simulator_calls_per_sample']} simulator calls with "
-              "gradient per sample")  # fmt: skip
+        print(f"\n# feedback {control.kind} ({control.path}): {describe_sampler(s)}")
 
         def feedback(b: int, n: int, s=s) -> None:
             sample_posteriors(observations[:b], model, n, feedback=control,
