@@ -224,12 +224,12 @@ def optimize_posterior(
         (-target(u).sum()).backward()
         optimizer.step()
     with torch.no_grad():
-        logp = torch.nan_to_num(target(u), nan=-math.inf)
+        logp = torch.nan_to_num(target(u), nan=-math.inf, neginf=-math.inf)
     candidates = [u[i].detach() for i in logp.argsort(descending=True)[: max(1, n_polish)]]
     if n_polish > 0 and n_polish_steps > 0:
         candidates = [_polish(c, target, n_polish_steps) for c in candidates]
     with torch.no_grad():
-        logp = torch.nan_to_num(target(torch.stack(candidates)), nan=-math.inf)
+        logp = torch.nan_to_num(target(torch.stack(candidates)), nan=-math.inf, neginf=-math.inf)
     if not torch.isfinite(logp).any():
         raise ValueError("no optimizer start reached a finite log posterior")
     return transform.from_u(candidates[int(logp.argmax())]).detach()
