@@ -534,7 +534,7 @@ def results_table(catalog: Table, out: str | Path) -> Table:
     table["fallback"] = column(lambda r: fb(r).get("method", ""), "")
     table["fallback_converged"] = column(lambda r: bool(fb(r).get("converged", False)), False)
     table["fallback_init"] = column(lambda r: fb(r).get("init", ""), "")
-    table["fallback"].description = "emcee when the flow was flagged and re-run (--fallback)"
+    table["fallback"].description = "emcee or smc: the flagged lens's re-run (--fallback)"
     table["status"].description = "ok, failed (see reason) or pending (not run yet)"
     table["reliable"].description = "False when a reliability diagnostic fired (docs/fit.md)"
     table["seed"].description = "per-lens seed, lens_seed(run seed, id)"
@@ -607,6 +607,8 @@ def run_catalog(
         fallback: ``"mcmc"`` re-runs every lens whose flow posterior is flagged unreliable
             with emcee on the same likelihood (``fit.run_fallback``); ``method`` then says
             ``emcee`` and ``fallback_converged`` whether its chain reached 50 tau.
+            ``"smc"`` re-runs them with tempered SMC (``method`` ``smc``;
+            ``fallback_converged`` is its sanity flag, ``baselines.smc.SmcDiagnostics``).
         pad: Mask the part of a model's field that reaches beyond a cutout instead of
             failing the lens (``fit.fit_lenses(pad=True)``).
         fallback_prior: The fallback's prior, ``"default"`` (the model's training prior),
@@ -642,8 +644,10 @@ def run_catalog(
         )
     if preset != "auto" and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use auto or one of {', '.join(PRESETS)}")
-    if fallback not in ("none", "mcmc"):
-        raise ValueError(f"unknown fallback {fallback!r}; choose none or mcmc")
+    from lensflow.fit import FALLBACKS
+
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; choose {', '.join(FALLBACKS)}")
     if fallback_prior not in PRIOR_CHOICES:
         raise ValueError(f"unknown fallback prior {fallback_prior!r}; choose "
                          f"{', '.join(PRIOR_CHOICES)}")  # fmt: skip

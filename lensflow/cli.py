@@ -398,11 +398,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     theta_e = f"theta_E = {q[1]:.4f} (+{q[2] - q[1]:.4f} / -{q[1] - q[0]:.4f}) arcsec"
     if result.fallback:
         fb = result.fallback
-        state = "converged" if fb["converged"] else "NOT converged (chain < 50 tau)"
         print(f"{sampled}; flagged ({fb['flow_diagnostics']['reason']})")
-        print(f"re-ran emcee: {fb['n_walkers']} walkers x {fb['n_steps']} steps in "
-              f"{fb['wall_time_s']:.0f} s, max tau {fb['max_tau']:.0f}, {state}; "
-              f"{theta_e}")  # fmt: skip
+        if fb["method"] == "smc":
+            state = "converged" if fb["converged"] else "NOT converged (see provenance.json)"
+            print(f"re-ran tempered SMC: {fb['n_particles']} particles, "
+                  f"{len(fb['temperatures']) - 1} temperatures in {fb['wall_time_s']:.0f} s, "
+                  f"{state}; {theta_e}")  # fmt: skip
+        else:
+            state = "converged" if fb["converged"] else "NOT converged (chain < 50 tau)"
+            print(f"re-ran emcee: {fb['n_walkers']} walkers x {fb['n_steps']} steps in "
+                  f"{fb['wall_time_s']:.0f} s, max tau {fb['max_tau']:.0f}, {state}; "
+                  f"{theta_e}")  # fmt: skip
     else:
         print(f"{sampled}; {theta_e}")
     flag = "reliable" if d.reliable else f"NOT reliable: {d.reason}"
@@ -478,9 +484,10 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
     n_flagged = int((ok & ~table["flow_reliable"]).sum())
     n_unreliable = int((ok & ~table["reliable"]).sum())
     text = f"{n_flagged} of {int(ok.sum())} flow posteriors flagged unreliable"
-    if args.fallback == "mcmc":
+    if args.fallback != "none":
         n_conv = int((ok & table["fallback_converged"]).sum())
-        text += (f"; re-ran with emcee: {n_conv} converged; {n_unreliable} still flagged "
+        how = "emcee" if args.fallback == "mcmc" else "tempered SMC"
+        text += (f"; re-ran with {how}: {n_conv} converged; {n_unreliable} still flagged "
                  "after the fallback")  # fmt: skip
     print(text + " (see reliable, unreliable_reason in the results)")
     print(f"{m['n_ok']} ok, {m['n_failed']} failed, {m['n_skipped']} skipped (already done) "
@@ -787,9 +794,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
-                   help="re-run a lens flagged unreliable with emcee on the same likelihood, "
-                   "started from the flow posterior (default: none)")  # fmt: skip
+    p.add_argument("--fallback", default="none", choices=["none", "mcmc", "smc"],
+                   help="re-run a lens flagged unreliable on the same likelihood, started "
+                   "from the flow posterior: mcmc (emcee) or smc (tempered SMC; "
+                   "docs/baselines.md) (default: none)")  # fmt: skip
     p.add_argument("--fallback-prior", default="default", choices=["default", "broad", "wide"],
                    help="the fallback's prior: the model's training prior (default), broad "
                    "(ranges that cover the real reference lenses, docs/training.md), or wide: "
@@ -870,9 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'local' (a LocalCluster of --workers processes) or a Dask scheduler "
                    "address, e.g. tcp://host:8786")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--fallback", default="none", choices=["none", "mcmc"],
-                   help="re-run lenses flagged unreliable with emcee on the same likelihood, "
-                   "started from the flow posterior (default: none)")  # fmt: skip
+    p.add_argument("--fallback", default="none", choices=["none", "mcmc", "smc"],
+                   help="re-run lenses flagged unreliable on the same likelihood, started from "
+                   "the flow posterior: mcmc (emcee) or smc (tempered SMC) (default: none)")  # fmt: skip
     p.add_argument("--fallback-prior", default="default", choices=["default", "broad", "wide"],
                    help="the fallback's prior: the model's training prior (default), broad or "
                    "wide (as for lensflow fit)")  # fmt: skip
@@ -897,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "hours, 3 lenses, emcee to 50 tau; full: 12 lenses, chains to 50 tau, "
                    "every method (GPU)")  # fmt: skip
     p.add_argument("--methods", metavar="M1,M2,...",
-                   help="subset of flow, flow+feedback, emcee, nuts, lenstronomy "
+                   help="subset of flow, flow+feedback, flow+smc, emcee, nuts, lenstronomy "
                    "(default: the config's)")  # fmt: skip
     p.add_argument("--n-lenses", type=int, metavar="K", help="first K demo lenses")
     p.add_argument("--set", metavar="FIELD=N,...",

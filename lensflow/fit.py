@@ -54,7 +54,7 @@ from lensflow.config import PRESETS
 from lensflow.cutouts import cut_to_fov
 from lensflow.data import conditioning_fwhm_arcsec, flux_factor, training_masked_fraction
 from lensflow.observation import Observation, load_observation
-from lensflow.params import FLUX_NAMES, REGISTRY, ParamSpec, scale_flux
+from lensflow.params import FLUX_NAMES, NAMES, REGISTRY, ParamSpec, scale_flux
 from lensflow.prior import PRIOR_CHOICES
 from lensflow.sampling import (
     PosteriorSamples,
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from astropy.table import Table
 
     from lensflow.checkpoint import TrainedPosterior
+    from lensflow.prior import Prior
     from lensflow.simulator import LensSimulator
 
 __all__ = [
@@ -261,9 +262,10 @@ class FitResult:
         seed: Seed of the base noise.
         timings: Wall times in s: ``"sample"`` (share of the batched call), ``"diagnose"``.
         provenance: JSON-able record: inputs with SHA-256, model ids, version, device.
-        fallback: When the flow's answer was flagged and re-run with MCMC: the emcee
-            diagnostics (steps, walkers, tau, converged, wall time) and the flow's
-            diagnostics it replaced; ``None`` otherwise.
+        fallback: When the flow's answer was flagged and re-run on the likelihood: the
+            sampler's diagnostics (``"method"``: ``"emcee"`` with steps, walkers, tau; or
+            ``"smc"`` with particles, temperatures, log evidence; both with ``converged``
+            and the wall time) and the flow's diagnostics it replaced; ``None`` otherwise.
     """
 
     name: str
@@ -284,6 +286,15 @@ class FitResult:
 #: burn-in can be short; the chain length is checked against 50 autocorrelation times.
 FALLBACK_EMCEE: dict[str, int] = {"n_walkers": 64, "n_burn": 300, "n_steps": 1500}
 
+#: Tempered SMC settings of ``fallback="smc"`` (``baselines.smc.run_smc``): particles
+#: (at most this many samples are returned), Metropolis sweeps per temperature and at the
+#: end. On demo_01 (3 temperatures) that was 51 sweeps, 1.02e5 likelihood calls, against
+#: the 64 x 1,800 = 1.15e5 of the emcee fallback: the same cost (docs/baselines.md).
+FALLBACK_SMC: dict[str, int] = {"n_particles": 2000, "n_moves": 10, "n_final_moves": 20}
+
+#: What a flagged lens can be re-run with: nothing, emcee, or tempered SMC.
+FALLBACKS = ("none", "mcmc", "smc")
+
 #: The fallback restarts from the optimizer when its optimum beats every flow start by
 #: more than this many nats of log posterior (the flow is then in the wrong mode).
 MODE_MARGIN = 10.0
@@ -291,8 +302,14 @@ MODE_MARGIN = 10.0
 
 def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
                  n_burn: int | None = None, n_steps: int | None = None,
-                 n_opt_steps: int = 200, prior: str = "default") -> FitResult:  # fmt: skip
-    """Re-run a lens with emcee on the same likelihood, started from its flow posterior.
+                 n_opt_steps: int = 200, prior: str = "default", method: str = "mcmc",
+                 n_particles: int | None = None) -> FitResult:  # fmt: skip
+    """Re-run a lens on the same likelihood, started from its flow posterior.
+
+    ``method="mcmc"`` runs emcee; ``method="smc"`` runs tempered SMC
+    (``baselines.smc.run_smc``: a Laplace fit at the polished best start, then tempering to
+    the posterior with Metropolis sweeps; docs/benchmarks.md compares both with a
+    converged emcee chain).
 
     The likelihood is the feedback's: the lensflow simulator on the cut observation's grid
     with its PSF, noise map and mask, in float64; the prior is the model's training prior
@@ -302,7 +319,8 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     The 64 walkers start at distinct flow samples, unless a multi-start optimizer (broad
     prior starts plus 8 flow samples, ``baselines.mcmc.optimize_posterior``) finds a mode
     more than ``MODE_MARGIN`` nats above every flow start: then they start around that
-    optimum (``fallback["init"]`` says which).
+    optimum (``fallback["init"]`` says which). SMC centres its proposal on the best of the
+    flow samples and that optimum after an L-BFGS polish, so it follows the same rule.
 
     Args:
         result: A flow fit (typically one whose ``diagnostics.reliable`` is False).
@@ -311,14 +329,22 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         n_burn: Burn-in steps (default ``FALLBACK_EMCEE``).
         n_steps: Kept steps per walker (default ``FALLBACK_EMCEE``).
         n_opt_steps: Adam steps, and L-BFGS iterations per polished point, of the mode
-            check's optimizer.
+            check's optimizer (and of SMC's polish of its best starts).
         prior: ``"default"`` (the model's training prior), ``"broad"`` or ``"wide"``
             (``prior.PRIOR_CHOICES``).
+        method: ``"mcmc"`` (emcee) or ``"smc"``.
+        n_particles: SMC particles (default ``FALLBACK_SMC``; at most as many as the flow
+            gave samples).
 
     Returns:
-        The fit with emcee's samples (``method="emcee"``), fresh diagnostics and
-        ``fallback`` filled in.
+        The fit with the sampler's samples (``method="emcee"`` or ``"smc"``), fresh
+        diagnostics and ``fallback`` filled in.
+
+    Raises:
+        ValueError: For an unknown ``method`` or ``prior``.
     """
+    if method not in ("mcmc", "smc"):
+        raise ValueError(f"fallback method must be 'mcmc' or 'smc', got {method!r}")
     import numpy as np
 
     from lensflow.baselines.mcmc import (
@@ -350,7 +376,11 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     # The training prior: the flow's samples are clamped into it, the mode check starts there.
     box = prior if prior_name == training else make_prior(training, dtype=torch.float64)
     span = box.high - box.low
-    start = torch.minimum(torch.maximum(start, box.low + 1e-9 * span), box.high - 1e-9 * span)
+
+    def clamp(x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(torch.maximum(x, box.low + 1e-9 * span), box.high - 1e-9 * span)
+
+    start = clamp(start)
     t0 = time.perf_counter()
     # Mode check: the flow may sit in the wrong mode (a short chain started there stays).
     # Optimize from broad prior starts and from 8 flow samples; if the optimum beats every
@@ -378,6 +408,10 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         u0 = box_transform(prior).to_u(best[None])
         eps = torch.randn((k, u0.shape[-1]), generator=g, dtype=torch.float64)
         start = box_transform(prior).from_u(u0 + 1e-3 * eps)
+    if method == "smc":
+        return _smc_fallback(result, model, sim, obs, prior, prior_name, init, t0, unit,
+                             torch.cat([clamp(theta), best[None]]), n_particles,
+                             n_opt_steps, g)  # fmt: skip
     run = run_emcee(sim, obs, prior=prior, n_walkers=k, init_walkers=start,
                     n_burn=n_burn or FALLBACK_EMCEE["n_burn"],
                     n_steps=n_steps or FALLBACK_EMCEE["n_steps"],
@@ -409,6 +443,46 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         result, samples=samples, model_image=image, source_image=source, diagnostics=diag,
         timings={**result.timings, "fallback": record["wall_time_s"]},
         provenance={**result.provenance, "method": "emcee", "fallback": record},
+        fallback=record,
+    )  # fmt: skip
+
+
+def _smc_fallback(result: FitResult, model: TrainedPosterior, sim: LensSimulator,
+                  obs: Observation, prior: Prior, prior_name: str, init: str, t0: float,
+                  unit: float, starts: torch.Tensor, n_particles: int | None,
+                  n_polish_steps: int, g: torch.Generator) -> FitResult:  # fmt: skip
+    """``run_fallback``'s SMC branch: tempered SMC from ``starts`` (flow samples and the
+    optimizer's mode, physical ``theta`` in the chain's flux units)."""
+    from lensflow.baselines.smc import run_smc
+
+    n = min(n_particles or FALLBACK_SMC["n_particles"], result.samples.theta.shape[0])
+    n = max(n, 2 * len(NAMES))  # SMC's minimum
+    run = run_smc(sim, obs, starts, prior=prior, n_particles=n,
+                  n_moves=FALLBACK_SMC["n_moves"], n_final_moves=FALLBACK_SMC["n_final_moves"],
+                  n_polish_steps=n_polish_steps, generator=g)  # fmt: skip
+    d = run.diagnostics
+    samples = dataclasses.replace(run.samples, theta=scale_flux(run.samples.theta, 1 / unit))
+    normalized = result.provenance.get("flux_factor") is not None
+    diag, image, source = diagnose(result.observation, samples, model,
+                                   normalize_flux=normalized, prior_specs=prior.specs)  # fmt: skip
+    record = {
+        "method": "smc",
+        "prior": prior_name,
+        "init": init,
+        "n_particles": d.n_particles,
+        "temperatures": list(d.temperatures),
+        "target_evaluations": d.target_evaluations,
+        "unique_fraction": d.unique_fraction,
+        "moves_per_particle": d.moves_per_particle,
+        "log_evidence": d.log_evidence,
+        "converged": d.is_converged,
+        "wall_time_s": time.perf_counter() - t0,
+        "flow_diagnostics": dataclasses.asdict(result.diagnostics),
+    }
+    return dataclasses.replace(
+        result, samples=samples, model_image=image, source_image=source, diagnostics=diag,
+        timings={**result.timings, "fallback": record["wall_time_s"]},
+        provenance={**result.provenance, "method": "smc", "fallback": record},
         fallback=record,
     )  # fmt: skip
 
@@ -727,7 +801,8 @@ def fit_lenses(
         n_steps: ODE steps (default: the model's or the control network's).
         chunk: Lenses per batched solve (default: about 2e5 sample rows per solve).
         fallback: ``"mcmc"`` re-runs every lens flagged unreliable with emcee on the same
-            likelihood, started from its flow posterior (``run_fallback``); ``"none"``.
+            likelihood, started from its flow posterior (``run_fallback``); ``"smc"`` with
+            tempered SMC instead (docs/baselines.md); ``"none"``.
         normalize_flux: Sample in normalized flux units (``sampling.sample_posteriors``);
             default: as the model was trained. Forcing it on a model trained in absolute
             units helps cutouts whose noise lies far outside its training range and
@@ -758,8 +833,8 @@ def fit_lenses(
     """
     if n < 1:
         raise ValueError(f"the number of samples must be >= 1, got {n}")
-    if fallback not in ("none", "mcmc"):
-        raise ValueError(f"fallback must be 'none' or 'mcmc', got {fallback!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
     if fallback_prior not in PRIOR_CHOICES:
         raise ValueError(f"fallback_prior must be one of {', '.join(PRIOR_CHOICES)}, "
                          f"got {fallback_prior!r}")  # fmt: skip
@@ -863,12 +938,12 @@ def fit_lenses(
                     "torch_threads": torch.get_num_threads(),
                 },
             )
-        if fallback == "mcmc":
+        if fallback != "none":
             for i in idx:
                 r = results[i]
                 if r is not None and not r.diagnostics.reliable:
                     results[i] = run_fallback(r, trained, seed=seed_list[i],
-                                              prior=fallback_prior)  # fmt: skip
+                                              prior=fallback_prior, method=fallback)  # fmt: skip
     return [r for r in results if r is not None]
 
 
@@ -908,7 +983,8 @@ def fit_lens(
         n: Posterior samples.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         n_steps: ODE steps (default: the model's or the control network's).
-        fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable.
+        fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable,
+            ``"smc"`` with tempered SMC (``run_fallback``).
         normalize_flux: Sample in normalized flux units (see ``fit_lenses``).
         pad: Mask the part of the model's field outside the cutout instead of raising.
         control_steps: With feedback, solver steps on ``[t_start, 1]`` (see ``fit_lenses``).
@@ -1145,7 +1221,8 @@ def fit(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         out: Optional output folder for ``write_fit``.
         plots: Write the figures into ``out``.
-        fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable.
+        fallback: ``"mcmc"`` re-runs the lens with emcee when it is flagged unreliable,
+            ``"smc"`` with tempered SMC (``run_fallback``).
         normalize_flux: Sample in normalized flux units (see ``fit_lenses``).
 
     Returns:

@@ -248,6 +248,11 @@ def test_run_catalog_refuses_other_settings_in_same_folder(tmp_path, one_thread)
     ):
         run_catalog(path, tmp_path / "p", n=50, plots=False, progress=False,
                     fallback_prior="open")  # fmt: skip
+    with pytest.raises(ValueError, match="unknown fallback 'hmc'; choose none, mcmc, smc"):
+        run_catalog(path, tmp_path / "p", n=50, plots=False, progress=False, fallback="hmc")
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(ValueError, match="holds a catalog run with fallback='none'"):
+        run_catalog(path, tmp_path / "o", n=50, plots=False, progress=False, fallback="smc")
     again = run_catalog(path, tmp_path / "o", n=50, plots=False, progress=False)
     assert again.meta["n_skipped"] == 1 and again.meta["n_ok"] == 0
     with pytest.raises(ValueError, match="holds a catalog run with control_steps=None"):

@@ -456,6 +456,55 @@ def test_fallback_mcmc_improves_a_flagged_fit():
     assert fixed.diagnostics.chi2_red_samples < 0.5 * diag.chi2_red_samples
 
 
+def test_fallback_smc_improves_a_flagged_fit_and_records_its_run():
+    from lensflow.fit import FitResult, run_fallback
+
+    image, sigma, psf, theta, _ = _mock(seed=4)
+    mask = torch.ones_like(image, dtype=torch.bool)
+    obs = Observation(image, sigma, psf, EUCLID.pixel_scale_arcsec, mask, name="fb")
+    model = load_model("euclid")
+    # The same deliberately wrong "flow posterior" as the emcee test: theta_E 10% high.
+    g = torch.Generator().manual_seed(0)
+    bad = theta.expand(128, -1).clone()
+    bad[:, NAMES.index("lens_theta_e")] *= 1.1
+    bad *= 1 + 1e-3 * torch.randn(bad.shape, generator=g, dtype=torch.float64)
+    samples = PosteriorSamples(bad)
+    diag, image_m, source = diagnose(obs, samples, model)
+    assert not diag.reliable
+    flagged = FitResult("fb", samples, obs, image_m, source, diag, "euclid", "none", 0, {}, {})
+    fixed = run_fallback(flagged, model, seed=1, n_opt_steps=30, method="smc", n_particles=64)
+    assert fixed.samples.method == "smc" and fixed.samples.theta.shape == (64, len(NAMES))
+    fb = fixed.fallback
+    assert fb["method"] == "smc" and fb["n_particles"] == 64
+    assert fb["temperatures"][0] == 0.0 and fb["temperatures"][-1] == 1.0
+    assert fb["flow_diagnostics"]["reliable"] is False
+    assert fixed.provenance["method"] == "smc" and "fallback" in fixed.timings
+    assert json.loads(json.dumps(fb)) == fb  # what provenance.json stores
+    # The particles sit at the data's theta_E, not the flow's 10% offset.
+    j = NAMES.index("lens_theta_e")
+    assert abs(float(fixed.samples.theta[:, j].median()) / float(theta[j]) - 1) < 0.01
+    assert fixed.diagnostics.chi2_red_samples < 0.5 * diag.chi2_red_samples
+    with pytest.raises(ValueError, match="fallback method must be 'mcmc' or 'smc', got 'nuts'"):
+        run_fallback(flagged, model, method="nuts")
+    with pytest.raises(ValueError, match="fallback must be one of none, mcmc, smc, got 'hmc'"):
+        fit_lens(obs, fallback="hmc", **N_FAST)
+
+
+@pytest.mark.slow
+def test_cli_fit_fallback_smc_prints_and_records_the_rerun(tmp_path, capsys):
+    path, _ = _write(tmp_path, seed=4)
+    out = tmp_path / "o"
+    code = main(["fit", str(path), "-n", "64", "--n-steps", "6", "--feedback", "none",
+                 "--fallback", "smc", "--out", str(out), "--no-plots"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0
+    prov = json.loads((out / "provenance.json").read_text())
+    # Six Euler steps of the flow alone are flagged on this bright mock.
+    assert "flagged (" in text and "re-ran tempered SMC: 64 particles" in text
+    assert prov["method"] == "smc" and prov["fallback"]["method"] == "smc"
+    assert prov["fallback"]["temperatures"][-1] == 1.0
+
+
 def test_fallback_wide_prior_follows_data_the_default_prior_excludes():
     from lensflow.fit import FitResult, run_fallback
     from lensflow.prior import Prior, wide_specs

@@ -11,6 +11,10 @@ Methods (``METHODS``):
 * ``flow``: the amortized posterior alone (``fit.fit_lenses(feedback="none")``).
 * ``flow+feedback``: with the shipped control net (``feedback="auto"``); skipped with a note
   when the model has none.
+* ``flow+smc``: the ``flow+feedback`` samples (the ``flow`` ones without a control net)
+  refined per lens by tempered SMC on the same float64 likelihood as emcee
+  (``baselines.smc.run_smc``, ``smc_particles`` particles); its time is the flow's plus the
+  SMC's, the latter scaled to 10,000 particles (linear in the particles).
 * ``emcee``: ``baselines.mcmc.run_emcee`` on lensflow's batched float64 likelihood of the same
   cut observation (its PSF, noise map and mask, the model's supersampling), started as a user
   starts it: ``optimize_posterior`` from the prior-box centre and broad prior draws (never
@@ -74,7 +78,7 @@ from torch import Tensor
 from lensflow.observation import Observation
 
 #: Methods ``run_bench`` knows, in run order (emcee before the flows' C2ST needs it).
-METHODS: tuple[str, ...] = ("flow", "flow+feedback", "emcee", "nuts", "lenstronomy")
+METHODS: tuple[str, ...] = ("flow", "flow+feedback", "flow+smc", "emcee", "nuts", "lenstronomy")
 
 #: Issue 3's goals for flow + feedback, per lens at 10,000 samples.
 GOALS: dict[str, float] = {
@@ -100,7 +104,7 @@ class BenchConfig:
         n_flow_samples: Flow samples per lens.
         n_opt_starts: ``optimize_posterior`` starts (box centre + prior draws).
         n_opt_steps: Adam steps of the optimizer.
-        n_polish: Adam end points polished by L-BFGS.
+        n_polish: Adam end points polished by L-BFGS (and flow samples, for ``flow+smc``).
         n_polish_steps: L-BFGS iterations per polished point.
         emcee_walkers: emcee walkers (even, >= 42).
         emcee_burn: emcee burn-in steps.
@@ -114,6 +118,7 @@ class BenchConfig:
         lt_walkers: lenstronomy emcee walkers.
         lt_burn: lenstronomy emcee burn-in steps.
         lt_steps: Kept lenstronomy emcee steps.
+        smc_particles: Particles of ``flow+smc`` (``baselines.smc.run_smc``).
         c2st_samples: Samples per side of each C2ST (evenly spaced subsets).
         c2st_max_iter: Classifier epochs at most.
         n_chi2_samples: Posterior samples re-simulated for the mean reduced chi^2.
@@ -143,6 +148,7 @@ class BenchConfig:
     lt_walkers: int = 64
     lt_burn: int = 100
     lt_steps: int = 200
+    smc_particles: int = 2000
     c2st_samples: int = 2000
     c2st_max_iter: int = 1000
     n_chi2_samples: int = 64
@@ -624,6 +630,54 @@ def _run_mcmc(
     return r.samples, rec
 
 
+def _run_smc(
+    lens: BenchLens, cfg: BenchConfig, sim_cfg: Any, dev: torch.device, seed: int,  # noqa: ANN401
+    model: str | Path, samples: dict[tuple[str, str], Any], records: list[dict[str, Any]],
+    feedback_kind: str,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """``flow+smc`` on one lens: tempered SMC from this run's flow (+ feedback) samples of
+    the lens, or from a fresh ``fit_lenses`` call when they were not run."""
+    from lensflow.baselines.smc import run_smc
+    from lensflow.fit import fit_lenses
+    from lensflow.prior import Prior
+    from lensflow.simulator import LensSimulator
+
+    base = "flow" if feedback_kind == "none" else "flow+feedback"
+    done = [r for r in records if r["lens"] == lens.name and r["method"] == base
+            and r["status"] == "ok"]  # fmt: skip
+    if done and (lens.name, base) in samples:
+        start, flow_s = samples[(lens.name, base)].theta, done[0]["time_to_10k_samples_s"]
+    else:
+        fit = fit_lenses([lens.observation], model=model, n=cfg.n_flow_samples, seeds=[seed],
+                         device=dev, feedback="none" if base == "flow" else "auto")[0]  # fmt: skip
+        start = fit.samples.theta
+        flow_s = fit.timings["sample"] * N_REFERENCE_SAMPLES / cfg.n_flow_samples
+    prior = Prior(dtype=torch.float64, device=dev)
+    span = prior.high - prior.low
+    start = start.to(dev, torch.float64)
+    start = torch.minimum(torch.maximum(start, prior.low + 1e-9 * span), prior.high - 1e-9 * span)
+    sim = LensSimulator(sim_cfg, psf_kernel=lens.observation.psf, dtype=torch.float64,
+                        device=dev)  # fmt: skip
+    r = run_smc(sim, lens.observation, start, prior=prior, n_particles=cfg.smc_particles,
+                n_starts=max(1, cfg.n_polish), n_polish_steps=cfg.n_polish_steps,
+                generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    _sync(dev)
+    d = r.diagnostics
+    smc_10k = d.wall_time_s * max(1.0, N_REFERENCE_SAMPLES / d.n_particles)
+    rec = {
+        "start": f"{base} samples of the lens, its {max(1, cfg.n_polish)} best polished by "
+        "L-BFGS",
+        "flow_time_s": flow_s, "smc_time_s": d.wall_time_s,
+        "wall_time_s": flow_s * cfg.n_flow_samples / N_REFERENCE_SAMPLES + d.wall_time_s,
+        "time_to_10k_samples_s": flow_s + smc_10k,
+        "n_particles": d.n_particles, "temperatures": list(d.temperatures),
+        "target_evaluations": d.target_evaluations, "unique_fraction": d.unique_fraction,
+        "moves_per_particle": d.moves_per_particle, "log_evidence": d.log_evidence,
+        "converged": d.is_converged,
+    }  # fmt: skip
+    return r.samples, rec
+
+
 def _walker_ball(start: Tensor, n: int, seed: int, scale: float = 1e-3) -> Tensor:
     """``n`` walkers around ``start`` ``(D,)``: Gaussian, ``scale`` prior widths, kept inside.
 
@@ -829,7 +883,11 @@ def run_bench(
                 records.append(rec)
                 bar.update()
                 continue
-            if method in ("flow", "flow+feedback"):
+            if method == "flow+smc":
+                post, extra = _run_smc(lens, cfg, lens_cfg, dev, lens_seed, model, samples,
+                                       records, feedback_kind)  # fmt: skip
+                rec.update(status="ok", **extra)
+            elif method in ("flow", "flow+feedback"):
                 fb = "none" if method == "flow" else "auto"
                 if method not in warm:  # model and control net loads, first-call overheads
                     fit_lenses([obs], model=model, n=16, seeds=[lens_seed], device=dev,
@@ -923,7 +981,7 @@ def _summarize(
     speedups = []
     for lens in dict.fromkeys(r["lens"] for r in records):
         by = {r["method"]: r for r in records if r["lens"] == lens and r["status"] == "ok"}
-        for f in ("flow", "flow+feedback"):
+        for f in ("flow", "flow+feedback", "flow+smc"):
             if f not in by:
                 continue
             row = {"lens": lens, "flow": f}

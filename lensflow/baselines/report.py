@@ -117,6 +117,10 @@ def _mode_note(r: dict[str, Any]) -> str:
 def _convergence(r: dict[str, Any]) -> str:
     if r["method"] in ("flow", "flow+feedback"):
         return "n/a (independent samples)"
+    if r["method"] == "flow+smc":
+        yes = "yes" if r["converged"] else "**no**"
+        return (f"{yes} (sanity flag): {len(r['temperatures']) - 1} temperatures, "
+                f"{r['moves_per_particle']:.0f} moves per particle")  # fmt: skip
     if r["method"] == "nuts":
         yes = "yes" if r["converged"] else "**no**"
         text = f"{yes}: R-hat {_fmt(r['r_hat_max'], '.3f')}, min ESS {_fmt(r['ess_min'], '.0f')}"
