@@ -308,8 +308,9 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
 
     ``method="mcmc"`` runs emcee; ``method="smc"`` runs tempered SMC
     (``baselines.smc.run_smc``: a Laplace fit at the polished best start, then tempering to
-    the posterior with Metropolis sweeps; docs/benchmarks.md compares both with a
-    converged emcee chain).
+    the posterior with Metropolis sweeps). docs/benchmarks.md, "Tempered SMC against a
+    converged chain", has what is measured of both: the same cost, SMC closer to a long
+    chain on a small mock, neither shown to match a converged one.
 
     The likelihood is the feedback's: the lensflow simulator on the cut observation's grid
     with its PSF, noise map and mask, in float64; the prior is the model's training prior

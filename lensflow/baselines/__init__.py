@@ -1,6 +1,6 @@
 """Baselines: lensflow's lens model run through other codes, for parity checks and comparison.
 
-Two baseline modules, both needing the ``baselines`` extra
+The baseline modules, all needing the ``baselines`` extra
 (``pip install 'lensflow[baselines]'``), so import them explicitly and lensflow itself never
 needs the extra:
 
@@ -11,6 +11,9 @@ needs the extra:
 * ``lensflow.baselines.mcmc``: MCMC on lensflow's own batched caustics likelihood:
   ``run_emcee`` (every walker in one batched call) and ``run_nuts`` (Pyro's NUTS in the
   unconstrained space), with their convergence diagnostics.
+* ``lensflow.baselines.smc``: tempered SMC on the same likelihood from a set of starting
+  samples (``run_smc``; the flow's, for ``lensflow fit --fallback smc`` and the bench's
+  ``flow+smc``), with its diagnostics and the log evidence.
 
 Every baseline returns a ``lensflow.sampling.PosteriorSamples`` in registry names and units,
 inside a frozen result record that also carries its convergence diagnostics.
