@@ -501,6 +501,7 @@ def test_cli_fit_fallback_smc_prints_and_records_the_rerun(tmp_path, capsys):
     prov = json.loads((out / "provenance.json").read_text())
     # Six Euler steps of the flow alone are flagged on this bright mock.
     assert "flagged (" in text and "re-ran tempered SMC: 64 particles" in text
+    assert "sanity checks" in text and " converged" not in text
     assert prov["method"] == "smc" and prov["fallback"]["method"] == "smc"
     assert prov["fallback"]["temperatures"][-1] == 1.0
 
