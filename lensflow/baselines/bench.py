@@ -883,11 +883,7 @@ def run_bench(
                 records.append(rec)
                 bar.update()
                 continue
-            if method == "flow+smc":
-                post, extra = _run_smc(lens, cfg, lens_cfg, dev, lens_seed, model, samples,
-                                       records, feedback_kind)  # fmt: skip
-                rec.update(status="ok", **extra)
-            elif method in ("flow", "flow+feedback"):
+            if method in ("flow", "flow+feedback"):
                 fb = "none" if method == "flow" else "auto"
                 if method not in warm:  # model and control net loads, first-call overheads
                     fit_lenses([obs], model=model, n=16, seeds=[lens_seed], device=dev,
@@ -903,8 +899,12 @@ def run_bench(
                 )  # fmt: skip
             else:
                 try:
-                    post, extra = _run_mcmc(method, lens, cfg, lens_cfg, dev, lens_seed, start,
-                                            progress)  # fmt: skip
+                    if method == "flow+smc":
+                        post, extra = _run_smc(lens, cfg, lens_cfg, dev, lens_seed, model,
+                                               samples, records, feedback_kind)  # fmt: skip
+                    else:
+                        post, extra = _run_mcmc(method, lens, cfg, lens_cfg, dev, lens_seed,
+                                                start, progress)  # fmt: skip
                 except (ValueError, RuntimeError) as err:  # one failure must not end the run
                     rec.update(status="failed", note=f"{type(err).__name__}: {err}")
                     records.append(rec)
