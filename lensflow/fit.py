@@ -376,12 +376,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         start = torch.cat([start, extra * (1 + 1e-6 * torch.randn(extra.shape, generator=g))])
     # The training prior: the flow's samples are clamped into it, the mode check starts there.
     box = prior if prior_name == training else make_prior(training, dtype=torch.float64)
-    span = box.high - box.low
-
-    def clamp(x: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(torch.maximum(x, box.low + 1e-9 * span), box.high - 1e-9 * span)
-
-    start = clamp(start)
+    start = box.clamp_inside(start)
     t0 = time.perf_counter()
     # Mode check: the flow may sit in the wrong mode (a short chain started there stays).
     # Optimize from broad prior starts and from 8 flow samples; if the optimum beats every
@@ -411,7 +406,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
         start = box_transform(prior).from_u(u0 + 1e-3 * eps)
     if method == "smc":
         return _smc_fallback(result, model, sim, obs, prior, prior_name, init, t0, unit,
-                             torch.cat([clamp(theta), best[None]]), n_particles,
+                             torch.cat([box.clamp_inside(theta), best[None]]), n_particles,
                              n_opt_steps, g)  # fmt: skip
     run = run_emcee(sim, obs, prior=prior, n_walkers=k, init_walkers=start,
                     n_burn=n_burn or FALLBACK_EMCEE["n_burn"],
@@ -424,26 +419,40 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     lp = run.samples.log_prob
     samples = dataclasses.replace(run.samples, theta=scale_flux(run.samples.theta[keep], 1 / unit),
                                   log_prob=None if lp is None else lp[keep])  # fmt: skip
-    diag, image, source = diagnose(result.observation, samples, model,
-                                   normalize_flux=normalized, prior_specs=prior.specs)  # fmt: skip
-    record = {
-        "method": "emcee",
-        "prior": prior_name,
-        "init": init,
+    fields = {
         "n_walkers": d.n_walkers,
         "n_burn": d.n_burn,
         "n_steps": d.n_steps,
         "n_chain_samples": int(run.samples.theta.shape[0]),
         "max_tau": float(d.tau.max()),
-        "converged": d.is_converged,
         "acceptance_fraction": d.acceptance_fraction,
+    }
+    return _fallback_result(result, model, samples, prior, prior_name=prior_name, init=init,
+                            fields=fields, converged=d.is_converged, t0=t0)  # fmt: skip
+
+
+def _fallback_result(result: FitResult, model: TrainedPosterior, samples: PosteriorSamples,
+                     prior: Prior, *, prior_name: str, init: str, fields: dict[str, Any],
+                     converged: bool, t0: float) -> FitResult:  # fmt: skip
+    """``run_fallback``'s common end: diagnose the sampler's ``samples`` (physical units,
+    ``samples.method`` names the sampler), write the ``fallback`` record (the sampler's own
+    ``fields`` between the shared ones) and return the fit with both."""
+    normalized = result.provenance.get("flux_factor") is not None
+    diag, image, source = diagnose(result.observation, samples, model,
+                                   normalize_flux=normalized, prior_specs=prior.specs)  # fmt: skip
+    record = {
+        "method": samples.method,
+        "prior": prior_name,
+        "init": init,
+        **fields,
+        "converged": converged,
         "wall_time_s": time.perf_counter() - t0,
         "flow_diagnostics": dataclasses.asdict(result.diagnostics),
     }
     return dataclasses.replace(
         result, samples=samples, model_image=image, source_image=source, diagnostics=diag,
         timings={**result.timings, "fallback": record["wall_time_s"]},
-        provenance={**result.provenance, "method": "emcee", "fallback": record},
+        provenance={**result.provenance, "method": samples.method, "fallback": record},
         fallback=record,
     )  # fmt: skip
 
@@ -463,29 +472,16 @@ def _smc_fallback(result: FitResult, model: TrainedPosterior, sim: LensSimulator
                   n_polish_steps=n_polish_steps, generator=g)  # fmt: skip
     d = run.diagnostics
     samples = dataclasses.replace(run.samples, theta=scale_flux(run.samples.theta, 1 / unit))
-    normalized = result.provenance.get("flux_factor") is not None
-    diag, image, source = diagnose(result.observation, samples, model,
-                                   normalize_flux=normalized, prior_specs=prior.specs)  # fmt: skip
-    record = {
-        "method": "smc",
-        "prior": prior_name,
-        "init": init,
+    fields = {
         "n_particles": d.n_particles,
         "temperatures": list(d.temperatures),
         "target_evaluations": d.target_evaluations,
         "unique_fraction": d.unique_fraction,
         "moves_per_particle": d.moves_per_particle,
         "log_evidence": d.log_evidence,
-        "converged": d.is_converged,
-        "wall_time_s": time.perf_counter() - t0,
-        "flow_diagnostics": dataclasses.asdict(result.diagnostics),
     }
-    return dataclasses.replace(
-        result, samples=samples, model_image=image, source_image=source, diagnostics=diag,
-        timings={**result.timings, "fallback": record["wall_time_s"]},
-        provenance={**result.provenance, "method": "smc", "fallback": record},
-        fallback=record,
-    )  # fmt: skip
+    return _fallback_result(result, model, samples, prior, prior_name=prior_name, init=init,
+                            fields=fields, converged=d.is_converged, t0=t0)  # fmt: skip
 
 
 def resolve_preset(obs: Observation, preset: str = "auto") -> str:

@@ -219,6 +219,29 @@ class Prior:
         y = self._a + (self._b - self._a) * r
         return torch.where(self._is_log, y.exp(), y)
 
+    def clamp_inside(self, theta: Tensor, *, margin: float = 1e-9) -> Tensor:
+        """Move ``theta`` into the prior box, ``margin`` box widths inside each edge.
+
+        For starting points of samplers whose transform to unconstrained space is infinite
+        on the box's edges (flow samples, walkers reflected at an edge).
+
+        Args:
+            theta: Physical parameters, shape ``(..., D)``.
+            margin: Distance kept from each edge, in units of the box width.
+
+        Returns:
+            The clamped parameters, shape and dtype of ``theta``.
+
+        Example:
+            >>> prior = Prior(dtype=torch.float64)
+            >>> theta = prior.clamp_inside(prior.high + 1.0)
+            >>> bool((theta < prior.high).all()) and bool(torch.isfinite(prior.log_prob(theta)))
+            True
+        """
+        lo, hi = self.low.to(theta), self.high.to(theta)
+        span = hi - lo
+        return torch.minimum(torch.maximum(theta, lo + margin * span), hi - margin * span)
+
     def log_prob(self, theta: Tensor) -> Tensor:
         """Log density of ``theta`` under the prior (``-inf`` outside its support).
 

@@ -121,8 +121,7 @@ def main() -> None:
 
     flow = read_samples(args.runs / args.flow / "samples.fits")[0].theta.double()
     ref = read_samples(args.runs / "emcee" / "samples.fits")[0].theta.double()
-    span = prior.high - prior.low  # flow samples on the box's edge: inside, as fit clamps them
-    flow = torch.minimum(torch.maximum(flow, prior.low + 1e-9 * span), prior.high - 1e-9 * span)
+    flow = prior.clamp_inside(flow)  # flow samples on the box's edge: inside, as fit does
     if args.compare:
         for path in args.compare:
             with np.load(path) as f:

@@ -432,14 +432,15 @@ def test_cli_corner_rejects_unknown_parameters(tmp_path, capsys):
     assert code == 2 and "unknown parameter(s) theta_e" in capsys.readouterr().err
 
 
-def test_fallback_mcmc_improves_a_flagged_fit():
-    from lensflow.fit import FitResult, run_fallback
+def _flagged_fit():
+    """A flagged fit of a euclid mock: a deliberately wrong "flow posterior" (128 samples,
+    theta_E 10% high, small spread). Returns the fit, the model and the true theta."""
+    from lensflow.fit import FitResult
 
     image, sigma, psf, theta, _ = _mock(seed=4)
     mask = torch.ones_like(image, dtype=torch.bool)
     obs = Observation(image, sigma, psf, EUCLID.pixel_scale_arcsec, mask, name="fb")
     model = load_model("euclid")
-    # A deliberately wrong "flow posterior": theta_E 10% high, with a small spread.
     g = torch.Generator().manual_seed(0)
     bad = theta.expand(128, -1).clone()
     bad[:, NAMES.index("lens_theta_e")] *= 1.1
@@ -448,6 +449,14 @@ def test_fallback_mcmc_improves_a_flagged_fit():
     diag, image_m, source = diagnose(obs, samples, model)
     assert not diag.reliable
     flagged = FitResult("fb", samples, obs, image_m, source, diag, "euclid", "none", 0, {}, {})
+    return flagged, model, theta
+
+
+def test_fallback_mcmc_improves_a_flagged_fit():
+    from lensflow.fit import run_fallback
+
+    flagged, model, _ = _flagged_fit()
+    diag = flagged.diagnostics
     fixed = run_fallback(flagged, model, seed=1, n_burn=40, n_steps=20, n_opt_steps=30)
     assert fixed.samples.method == "emcee" and fixed.samples.theta.shape == (128, len(NAMES))
     assert fixed.fallback["n_walkers"] == 64 and fixed.fallback["n_steps"] == 20
@@ -457,21 +466,10 @@ def test_fallback_mcmc_improves_a_flagged_fit():
 
 
 def test_fallback_smc_improves_a_flagged_fit_and_records_its_run():
-    from lensflow.fit import FitResult, run_fallback
+    from lensflow.fit import run_fallback
 
-    image, sigma, psf, theta, _ = _mock(seed=4)
-    mask = torch.ones_like(image, dtype=torch.bool)
-    obs = Observation(image, sigma, psf, EUCLID.pixel_scale_arcsec, mask, name="fb")
-    model = load_model("euclid")
-    # The same deliberately wrong "flow posterior" as the emcee test: theta_E 10% high.
-    g = torch.Generator().manual_seed(0)
-    bad = theta.expand(128, -1).clone()
-    bad[:, NAMES.index("lens_theta_e")] *= 1.1
-    bad *= 1 + 1e-3 * torch.randn(bad.shape, generator=g, dtype=torch.float64)
-    samples = PosteriorSamples(bad)
-    diag, image_m, source = diagnose(obs, samples, model)
-    assert not diag.reliable
-    flagged = FitResult("fb", samples, obs, image_m, source, diag, "euclid", "none", 0, {}, {})
+    flagged, model, theta = _flagged_fit()
+    diag, obs = flagged.diagnostics, flagged.observation
     fixed = run_fallback(flagged, model, seed=1, n_opt_steps=30, method="smc", n_particles=64)
     assert fixed.samples.method == "smc" and fixed.samples.theta.shape == (64, len(NAMES))
     fb = fixed.fallback

@@ -653,9 +653,7 @@ def _run_smc(
         start = fit.samples.theta
         flow_s = fit.timings["sample"] * N_REFERENCE_SAMPLES / cfg.n_flow_samples
     prior = Prior(dtype=torch.float64, device=dev)
-    span = prior.high - prior.low
-    start = start.to(dev, torch.float64)
-    start = torch.minimum(torch.maximum(start, prior.low + 1e-9 * span), prior.high - 1e-9 * span)
+    start = prior.clamp_inside(start.to(dev, torch.float64))
     sim = LensSimulator(sim_cfg, psf_kernel=lens.observation.psf, dtype=torch.float64,
                         device=dev)  # fmt: skip
     r = run_smc(sim, lens.observation, start, prior=prior, n_particles=cfg.smc_particles,
@@ -696,7 +694,7 @@ def _walker_ball(start: Tensor, n: int, seed: int, scale: float = 1e-3) -> Tenso
     # Reflect at the box edges, then keep a hair inside (the prior box is closed-open).
     theta = torch.where(theta > high, 2 * high - theta, theta)
     theta = torch.where(theta < low, 2 * low - theta, theta)
-    return torch.minimum(torch.maximum(theta, low + 1e-9 * span), high - 1e-9 * span)
+    return prior.clamp_inside(theta)
 
 
 def _chain_record(d: Any, names: Sequence[str]) -> dict[str, Any]:  # noqa: ANN401
