@@ -267,7 +267,8 @@ def c2st(
     Both samples are z-scored with the mean and standard deviation of ``samples_p`` (the
     reference); an MLP classifier (two hidden ReLU layers of ``10 * D`` units, Adam,
     ``max_iter=10000``) is scored by ``n_folds``-fold shuffled cross-validation accuracy.
-    0.5 means indistinguishable, 1 fully separable.
+    0.5 means indistinguishable, 1 fully separable. Pass equal sample sizes: with ``N``
+    and ``M`` rows the chance level is ``max(N, M) / (N + M)``, not 0.5.
 
     Args:
         samples_p: Reference samples, shape ``(N, D)``.

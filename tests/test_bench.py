@@ -225,6 +225,20 @@ def test_load_real_lenses_skips_cleanly_when_absent(tmp_path):
     assert lenses == [] and notes == ["EuclidQ1_x: no image FITS, skipped"]
 
 
+def test_c2st_vs_uses_equal_sizes_so_chance_is_one_half():
+    """Same distribution, 2,000 reference rows against 200: 0.5, not 2000 / 2200 = 0.91."""
+    from lensflow.sampling import PosteriorSamples
+
+    g = torch.Generator().manual_seed(11)
+    ref = PosteriorSamples(torch.randn(2000, len(NAMES), generator=g, dtype=torch.float64))
+    other = PosteriorSamples(torch.randn(200, len(NAMES), generator=g, dtype=torch.float64))
+    cfg = dataclasses.replace(TINY, c2st_samples=1000, c2st_max_iter=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning
+        score = bench._c2st_vs(ref, other, cfg, seed=0)
+    assert abs(score - 0.5) < 0.1
+
+
 def test_walker_ball_at_the_prior_edge_is_inside_and_not_degenerate():
     import numpy as np
 

@@ -718,8 +718,12 @@ def _c2st_vs(ref: Any, other: Any, cfg: BenchConfig, seed: int) -> float | None:
     """C2ST accuracy of ``other`` against ``ref`` on evenly spaced subsets (None if degenerate)."""
     from lensflow.metrics import c2st
 
-    p = _subset(ref.theta.detach().double().cpu(), cfg.c2st_samples)
-    q = _subset(other.theta.detach().double().cpu(), cfg.c2st_samples)
+    # Equal sizes on both sides: with N reference and M < N other rows, a classifier that
+    # always says "reference" already scores N / (N + M), not 0.5 (flow+smc keeps 2,000
+    # particles against 5,000 chain samples in the full config).
+    n = min(cfg.c2st_samples, ref.theta.shape[0], other.theta.shape[0])
+    p = _subset(ref.theta.detach().double().cpu(), n)
+    q = _subset(other.theta.detach().double().cpu(), n)
     if p.shape[0] < 10 or q.shape[0] < 10 or not bool((p.std(dim=0) > 0).all()):
         return None
     n_folds = min(5, p.shape[0] // 2)
