@@ -11,14 +11,23 @@
 # Options (environment):
 #     LENS=demo_01   the demo lens of the mcmc stage
 #     SET=...        lensflow bench --set sizes of the mcmc stage (default below: emcee
-#                    1,500 + 24,000 steps, 55 tau at demo_01's tau of 435; lenstronomy
-#                    PSO 100 x 100 and emcee 500 + 3,000 steps, a capped chain whose time
-#                    to 10,000 samples is a lower bound)
+#                    1,000 burn-in + up to 30,000 steps, cut by emcee_max_wall_s=EMCEE_WALL
+#                    seconds (69 tau at demo_01's tau of 435 if it runs to the end);
+#                    lenstronomy PSO 100 x 100 and emcee 500 + 3,000 steps, a capped chain
+#                    whose time to 10,000 samples is a lower bound). Every process of the
+#                    stage gets the same SET, so the merge can reuse their stored runs.
+#     EMCEE_WALL=280 wall-time limit of the emcee chain (burn-in plus sampling), seconds
+#     FLOWS="flow,flow+feedback,flow+smc"   the flow methods of the mcmc stage
 #     MCMC_S=440     time limit of the lenstronomy run (in parallel with the rest), seconds
-#     EMCEE_S=300    time limit of the emcee run on the GPU (on 2026-11-26, 25,500 steps
-#                    with the optimizer start and the flows did not finish in 430 s on an
-#                    H100: size SET's emcee steps to the time left)
-#     MERGE_S=140    time limit of its merge (C2ST, report)
+#     FLOWS_S=150    time limit of the flows' run
+#     EMCEE_S=       time limit of the emcee run (default EMCEE_WALL + 120: the optimizer
+#                    start and the process's start-up come on top of the chain)
+#     MERGE_S=140    time limit of its merge (C2ST, report); 0 skips it: merge the stored
+#                    runs elsewhere with the same command plus --resume (each run's record
+#                    keeps the machine it was timed on, and the merged report names it)
+#     DEADLINE_S=    optional: the mcmc stage's whole budget from the script's start,
+#                    seconds; the lenstronomy and emcee limits shrink so that the merge
+#                    and the archive still fit (for a device lease with little time left)
 #     PRESETS="euclid hst"  models of the sampling stage
 #     SAMPLING_EXTRA=...    more bench_sampling.py flags (smaller sizes for a CPU dry run)
 #     DEVICE=cuda
@@ -35,9 +44,12 @@ STAGE=${STAGE:-mcmc}
 OUT=${OUT:-runs/gpu_bench}
 DEVICE=${DEVICE:-cuda}
 LENS=${LENS:-demo_01}
-SET=${SET:-emcee_burn=1500,emcee_steps=24000,lt_particles=100,lt_iterations=100,lt_burn=500,lt_steps=3000}
+EMCEE_WALL=${EMCEE_WALL:-280}
+SET=${SET:-emcee_burn=1000,emcee_steps=30000,emcee_max_wall_s=$EMCEE_WALL,lt_particles=100,lt_iterations=100,lt_burn=500,lt_steps=3000}
+FLOWS=${FLOWS:-flow,flow+feedback,flow+smc}
 MCMC_S=${MCMC_S:-440}
-EMCEE_S=${EMCEE_S:-300}
+FLOWS_S=${FLOWS_S:-150}
+EMCEE_S=${EMCEE_S:-$((EMCEE_WALL + 120))}
 MERGE_S=${MERGE_S:-140}
 PRESETS=${PRESETS:-"euclid hst"}
 SAMPLING_EXTRA=${SAMPLING_EXTRA:-}
@@ -57,15 +69,23 @@ if [ "$STAGE" = mcmc ]; then
     # into OUT/bench-runs.tgz at the end. Progress bars go to the logs (emcee's shows the
     # steps per second).
     B="python -m lensflow.cli bench --config full --lenses $LENS --set $SET"
+    if [ -n "${DEADLINE_S:-}" ]; then  # leave the merge and the archive their time
+        cap=$((DEADLINE_S - MERGE_S - 20 - SECONDS))
+        MCMC_S=$((MCMC_S < cap ? MCMC_S : cap))
+    fi
     log "lenstronomy on one host core, in the background"
     timeout "$MCMC_S" $B --methods lenstronomy --device cpu --threads 1 --out "$OUT/bench" \
         >"$OUT/bench-lenstronomy.log" 2>&1 &
     LT=$!
-    log "flow and flow+feedback on $DEVICE"
-    timeout 150 $B --methods flow,flow+feedback --device "$DEVICE" --threads 4 --quiet \
+    log "$FLOWS on $DEVICE"
+    timeout "$FLOWS_S" $B --methods "$FLOWS" --device "$DEVICE" --threads 4 --quiet \
         --out "$OUT/bench" >"$OUT/bench-flows.log" 2>&1
     log "flows rc $?"
-    log "emcee on $DEVICE"
+    if [ -n "${DEADLINE_S:-}" ]; then
+        cap=$((DEADLINE_S - MERGE_S - 20 - SECONDS))
+        EMCEE_S=$((EMCEE_S < cap ? EMCEE_S : cap))
+    fi
+    log "emcee on $DEVICE (limit $EMCEE_S s)"
     timeout "$EMCEE_S" $B --methods emcee --device "$DEVICE" --threads 4 --out "$OUT/bench" \
         >"$OUT/bench-emcee.log" 2>&1
     log "emcee rc $?"
@@ -76,12 +96,13 @@ if [ "$STAGE" = mcmc ]; then
 print(','.join(json.loads(p.read_text())['method'] for p in
       sorted(pathlib.Path(sys.argv[1]).glob('runs/*/*/record.json'))))" "$OUT/bench")
     log "finished runs: ${DONE:-none}"
-    if [ -n "$DONE" ]; then
+    if [ -n "$DONE" ] && [ "$MERGE_S" -gt 0 ]; then
         timeout "$MERGE_S" $B --methods "$DONE" --device "$DEVICE" --threads 4 --resume \
             --quiet --out "$OUT/bench" >"$OUT/bench-merge.log" 2>&1
         log "merge rc $?"
     fi
-    tar czf "$OUT/bench-runs.tgz" -C "$OUT" bench && rm -rf "$OUT/bench/runs"
+    # One archive (runs, report, figures): the device tool returns only a few files.
+    tar czf "$OUT/bench-runs.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
     tail -n 3 "$OUT"/bench-*.log
 fi
 

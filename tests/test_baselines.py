@@ -138,6 +138,25 @@ def test_run_emcee_is_reproducible_with_generator_and_rng(mock, sim, centre):
     torch.testing.assert_close(runs[0].samples.theta, runs[1].samples.theta, rtol=0, atol=0)
 
 
+def test_run_emcee_wall_time_limit_keeps_the_burn_in_and_cuts_the_chain(mock, sim, centre):
+    obs, _ = mock
+    kw = {"n_walkers": 42, "n_burn": 3, "init": centre, "generator": torch.Generator()}
+    # A limit far below one step: the burn-in still runs in full, then one kept step.
+    cut = run_emcee(sim, obs, n_steps=500, max_wall_s=1e-9, rng=np.random.default_rng(2), **kw)
+    d = cut.diagnostics
+    assert (d.n_burn, d.n_steps, d.time_limited) == (3, 1, True)
+    assert cut.samples.theta.shape == (42, len(NAMES))
+    assert cut.samples.log_prob.shape == (42,)
+    assert d.is_converged is False
+    # A generous limit changes nothing: same chain as without one, not flagged.
+    kw["generator"] = torch.Generator().manual_seed(3)
+    full = run_emcee(sim, obs, n_steps=4, max_wall_s=3600, rng=np.random.default_rng(3), **kw)
+    kw["generator"] = torch.Generator().manual_seed(3)
+    free = run_emcee(sim, obs, n_steps=4, rng=np.random.default_rng(3), **kw)
+    assert (full.diagnostics.n_steps, full.diagnostics.time_limited) == (4, False)
+    torch.testing.assert_close(full.samples.theta, free.samples.theta, rtol=0, atol=0)
+
+
 def test_run_nuts_returns_registry_samples_and_leaves_the_global_rng(mock, sim, centre):
     obs, _ = mock
     torch.manual_seed(5)
@@ -224,6 +243,8 @@ def test_log_posterior_is_minus_inf_outside_the_prior_without_simulating(mock, s
         ({"n_walkers": 40}, "n_walkers must be even and >= 2 \\* D = 42"),
         ({"n_walkers": 43}, "n_walkers must be even"),
         ({"n_steps": 0}, "n_steps >= 1"),
+        ({"max_wall_s": 0.0}, "max_wall_s must be a positive number"),
+        ({"max_wall_s": float("nan")}, "max_wall_s must be a positive number"),
         ({"init": torch.zeros(3, dtype=F64)}, "init must have shape"),
         ({"init": torch.full((21,), 50.0, dtype=F64)}, "outside the prior box"),
     ],

@@ -78,6 +78,7 @@ def test_bench_short_chain_is_marked_not_converged(bench_run):
     assert r["status"] == "ok"
     assert r["converged"] is False
     assert (r["n_walkers"], r["n_burn"], r["n_steps"]) == (42, 2, 10)
+    assert r["time_limited"] is False  # no emcee_max_wall_s: the chain ran in full
     for key in ("wall_time_s", "init_time_s", "time_per_step_s", "chi2_red_samples",
                 "start_log_posterior", "truth_log_posterior", "acceptance_fraction"):  # fmt: skip
         assert math.isfinite(r[key]), key
@@ -271,6 +272,11 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
         assert record["run_key"] == {"config": "tiny", "model": "euclid", "seed": 2}
         record["run_key"]["seed"] = 99
         (folder / "record.json").write_text(json.dumps(record))
+        # Say the emcee run was timed elsewhere (a GPU lease): reused, and the run notes it.
+        folder = bench.run_folder(out, "demo_02", "emcee")
+        record = json.loads((folder / "record.json").read_text())
+        record["timed_on"] = "NVIDIA H100 80GB HBM3 + a 16-core host"
+        (folder / "record.json").write_text(json.dumps(record))
         assert cli.main([*args, "--resume"]) == 0
         second = json.loads((out / "bench-tiny.json").read_text())
         # Other sizes (--set): nothing is reused, and the key records the change.
@@ -283,6 +289,11 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
     by1 = {r["method"]: r for r in first["records"]}
     by2 = {r["method"]: r for r in second["records"]}
     assert not by1["emcee"]["reused"] and by2["emcee"]["reused"]
+    here = by1["emcee"]["timed_on"]
+    assert "torch threads" in here and by2["flow"]["timed_on"] == here
+    assert by2["emcee"]["timed_on"] == "NVIDIA H100 80GB HBM3 + a 16-core host"
+    assert any("timed on another machine" in n and "H100" in n for n in second["notes"])
+    assert not any("timed on another machine" in n for n in first["notes"])
     assert not by2["flow"]["reused"]  # key mismatch: run again, with the lens's own seed
     assert by2["emcee"]["median"] == by1["emcee"]["median"]
     assert by2["flow"]["median"] == pytest.approx(by1["flow"]["median"], rel=1e-6)

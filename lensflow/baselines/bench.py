@@ -109,6 +109,11 @@ class BenchConfig:
         emcee_walkers: emcee walkers (even, >= 42).
         emcee_burn: emcee burn-in steps.
         emcee_steps: Kept emcee steps per walker.
+        emcee_max_wall_s: Wall-time limit of the emcee chain in seconds (burn-in plus
+            sampling; ``run_emcee(max_wall_s=)``), 0 for none. A chain it cuts short keeps
+            the steps it ran, is judged for convergence on them, and its record says
+            ``time_limited``; its time to 50 tau still comes from the measured step time
+            and tau.
         nuts_samples: NUTS draws per chain.
         nuts_warmup: NUTS warm-up iterations per chain.
         nuts_chains: NUTS chains.
@@ -139,6 +144,7 @@ class BenchConfig:
     emcee_walkers: int = 64
     emcee_burn: int = 200
     emcee_steps: int = 400
+    emcee_max_wall_s: int = 0
     nuts_samples: int = 100
     nuts_warmup: int = 100
     nuts_chains: int = 2
@@ -461,6 +467,12 @@ def hardware(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _machine(hw: dict[str, Any]) -> str:
+    """One line naming the hardware of ``hardware()``: GPU (if any), CPU and threads."""
+    cpu = f"{hw['cpu']} ({hw['cpu_cores']} cores, {hw['torch_threads']} torch threads)"
+    return f"{hw['gpu']} + {cpu}" if hw.get("gpu") else cpu
+
+
 @dataclass(frozen=True)
 class BenchReport:
     """What ``run_bench`` measured.
@@ -602,6 +614,7 @@ def _run_mcmc(
         walkers = _walker_ball(init.cpu(), cfg.emcee_walkers, seed)
         r = run_emcee(sim, obs, n_walkers=cfg.emcee_walkers, n_steps=cfg.emcee_steps,
                       n_burn=cfg.emcee_burn, init_walkers=walkers, use_progress=progress,
+                      max_wall_s=cfg.emcee_max_wall_s or None,
                       rng=np.random.default_rng(seed))  # fmt: skip
         d = r.diagnostics
         tau = float(d.tau.max())
@@ -711,6 +724,7 @@ def _chain_record(d: Any, names: Sequence[str]) -> dict[str, Any]:  # noqa: ANN4
         "acceptance_fraction": d.acceptance_fraction,
         "converged": d.is_converged,
         "chain_over_tau": d.n_steps / tau if tau > 0 and math.isfinite(tau) else None,
+        "time_limited": bool(getattr(d, "time_limited", False)),
     }
 
 
@@ -914,7 +928,9 @@ def run_bench(
                     continue
                 rec.update(status="ok", **extra)
             post = _thin(post, cfg.n_kept_samples)
-            rec.update(_accuracy(post, lens, trained, cfg), run_key=key, reused=False)
+            # The machine each run was timed on: a --resume merge may run elsewhere.
+            rec.update(_accuracy(post, lens, trained, cfg), run_key=key, reused=False,
+                       timed_on=_machine(hw))  # fmt: skip
             if folder is not None:
                 _save_run(folder, rec, post)
             samples[(lens.name, method)] = post
@@ -927,6 +943,12 @@ def run_bench(
             rec["c2st_vs_emcee"] = None if ref is None else _c2st_vs(
                 ref, samples[(lens.name, rec["method"])], cfg, lens_seed)  # fmt: skip
     bar.close()
+    here = _machine(hw)
+    elsewhere = sorted({r["timed_on"] for r in records
+                        if r.get("reused") and r.get("timed_on", here) != here})  # fmt: skip
+    if elsewhere:
+        notes.append("reused runs timed on another machine (each record's timed_on): "
+                     + "; ".join(elsewhere))  # fmt: skip
     truths = {lens.name: lens.truth for lens in lenses if lens.truth is not None}
     summary = _summarize(records, samples, truths, methods, cfg)
     return BenchReport(cfg, tuple(records), summary, hw, tuple(notes), samples, truths)

@@ -311,6 +311,8 @@ class EnsembleDiagnostics:
         tol: Required chain length in units of ``max(tau)``.
         is_converged: ``n_steps >= tol * max(tau)`` and every ``tau`` finite.
         wall_time_s: Wall time of burn-in plus sampling, in seconds.
+        time_limited: True when ``run_emcee``'s ``max_wall_s`` ended the chain before the
+            requested ``n_steps`` (``n_steps`` is then the steps actually kept).
     """
 
     tau: Tensor
@@ -321,6 +323,7 @@ class EnsembleDiagnostics:
     tol: float
     is_converged: bool
     wall_time_s: float
+    time_limited: bool = False
 
     @property
     def time_per_step_s(self) -> float:
@@ -340,6 +343,7 @@ def ensemble_diagnostics(
     acceptance_fraction: float,
     tol: float,
     wall_time_s: float,
+    time_limited: bool = False,
 ) -> EnsembleDiagnostics:
     """Autocorrelation diagnostics of a post-burn-in ensemble chain.
 
@@ -349,6 +353,7 @@ def ensemble_diagnostics(
         acceptance_fraction: Mean acceptance fraction.
         tol: Required ``n_steps / max(tau)``.
         wall_time_s: Wall time of the run, seconds.
+        time_limited: Whether a wall-time limit cut the chain short.
 
     Returns:
         The diagnostics record.
@@ -368,6 +373,7 @@ def ensemble_diagnostics(
         tol=float(tol),
         is_converged=is_converged,
         wall_time_s=float(wall_time_s),
+        time_limited=bool(time_limited),
     )
 
 
@@ -401,6 +407,7 @@ def run_emcee(
     init_walkers: Tensor | None = None,
     n_opt_steps: int = 200,
     use_progress: bool = False,
+    max_wall_s: float | None = None,
     generator: torch.Generator | None = None,
     rng: np.random.Generator | None = None,
 ) -> EmceeResult:
@@ -423,6 +430,11 @@ def run_emcee(
             ``init`` and the optimizer; ``start`` is then their median).
         n_opt_steps: Adam steps of :func:`optimize_posterior` when ``init`` is None.
         use_progress: Show emcee's progress bar.
+        max_wall_s: Optional wall-time limit of burn-in plus sampling, in seconds. The
+            burn-in always completes; the chain then stops at the first step past the limit
+            (keeping at least one), ``diagnostics.time_limited`` is set and
+            ``diagnostics.n_steps`` counts the steps kept. The convergence rule is applied
+            to the chain actually run. None: run all ``n_burn + n_steps`` steps.
         generator: Torch generator for the optimizer starts and the initial ball.
         rng: numpy generator seeding emcee's moves.
 
@@ -440,6 +452,8 @@ def run_emcee(
         raise ValueError(f"n_walkers must be even and >= 2 * D = {2 * n_dim}, got {n_walkers}")
     if n_steps < 1 or n_burn < 0:
         raise ValueError(f"need n_steps >= 1 and n_burn >= 0, got {n_steps}, {n_burn}")
+    if max_wall_s is not None and not (math.isfinite(max_wall_s) and max_wall_s > 0):
+        raise ValueError(f"max_wall_s must be a positive number of seconds, got {max_wall_s}")
     if init_walkers is not None:
         theta0 = torch.as_tensor(init_walkers, dtype=prior.low.dtype, device=prior.low.device)
         if theta0.shape != (n_walkers, n_dim):
@@ -465,12 +479,18 @@ def run_emcee(
     seed = (rng if rng is not None else np.random.default_rng()).integers(2**32)
     sampler.random_state = np.random.RandomState(seed).get_state()
     t0 = time.perf_counter()
-    sampler.run_mcmc(p0, n_burn + n_steps, progress=use_progress)
+    time_limited = False
+    for _ in sampler.sample(p0, iterations=n_burn + n_steps, progress=use_progress):
+        if (max_wall_s is not None and sampler.iteration > n_burn
+                and sampler.iteration < n_burn + n_steps
+                and time.perf_counter() - t0 > max_wall_s):  # fmt: skip
+            time_limited = True
+            break
     wall = time.perf_counter() - t0
     chain = sampler.get_chain(discard=n_burn)
     diagnostics = ensemble_diagnostics(
         chain, n_burn=n_burn, acceptance_fraction=float(np.mean(sampler.acceptance_fraction)),
-        tol=tol, wall_time_s=wall,
+        tol=tol, wall_time_s=wall, time_limited=time_limited,
     )  # fmt: skip
     samples = PosteriorSamples(
         theta=torch.from_numpy(chain.reshape(-1, n_dim).copy()),

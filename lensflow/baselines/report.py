@@ -132,6 +132,8 @@ def _convergence(r: dict[str, Any]) -> str:
     else:
         text = (f"**no**: {r['n_steps']} steps < 50 tau = {_fmt(50 * tau, '.0f')} "
                 f"(tau {_fmt(tau, '.0f')})")  # fmt: skip
+    if r.get("time_limited"):
+        text += "; cut by the wall-time limit"
     return text + _mode_note(r)
 
 
@@ -163,7 +165,9 @@ def markdown_report(report: BenchReport, *, command: str = "", figures: Sequence
         "",
         (
             f"Settings: {cfg.n_flow_samples:,} flow samples per lens; emcee {cfg.emcee_walkers} "
-            f"walkers x ({cfg.emcee_burn} burn-in + {cfg.emcee_steps} steps) from "
+            f"walkers x ({cfg.emcee_burn} burn-in + {cfg.emcee_steps} steps"
+            + (f", at most {cfg.emcee_max_wall_s} s" if cfg.emcee_max_wall_s else "")
+            + ") from "
             f"`optimize_posterior` ({cfg.n_opt_starts} broad starts); C2ST on "
             f"{cfg.c2st_samples:,} samples per side; reduced chi^2 of {cfg.n_chi2_samples} "
             "re-simulated samples."
