@@ -25,6 +25,7 @@ from lensflow.baselines.lenstronomy import (
 )
 from lensflow.baselines.mcmc import (
     box_transform,
+    ensemble_diagnostics,
     log_posterior,
     optimize_posterior,
     run_emcee,
@@ -205,6 +206,42 @@ def test_run_lenstronomy_returns_registry_samples_quietly(mock, capsys):
     assert result.pso_wall_time_s > 0
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""  # lenstronomy's prints and PSO bar swallowed
+
+
+def test_run_lenstronomy_max_samples_completes_every_kth_step_of_the_same_chain(mock):
+    obs, _ = mock
+    kw = {"n_particles": 8, "n_iterations": 3, "n_walkers": 38, "n_run": 10, "n_burn": 0}
+    full = run_lenstronomy(obs, CONFIG, rng=np.random.default_rng(5), **kw)
+    thin = run_lenstronomy(obs, CONFIG, max_samples=4 * 38, rng=np.random.default_rng(5), **kw)
+    # ceil(10 * 38 / 152) = 3: steps 0, 3, 6, 9 of the same chain, all 38 walkers.
+    assert thin.samples.theta.shape == (4 * 38, len(NAMES))
+    rows = full.samples.theta.reshape(10, 38, -1)[::3].reshape(-1, len(NAMES))
+    sampled = [i for i, n in enumerate(NAMES) if n not in ("source_amp", "lens_light_amp")]
+    torch.testing.assert_close(thin.samples.theta[:, sampled], rows[:, sampled], rtol=0, atol=0)
+    d = thin.diagnostics
+    assert (d.n_steps, d.n_walkers) == (10, 38) and d.tau.shape == (len(NAMES),)
+    assert d.acceptance_fraction == full.diagnostics.acceptance_fraction  # from every step
+    torch.testing.assert_close(thin.log_likelihood, full.log_likelihood, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_samples must be >= n_walkers = 38"):
+        run_lenstronomy(obs, CONFIG, max_samples=10, **kw)
+
+
+def test_ensemble_diagnostics_of_a_thinned_chain_gives_tau_in_full_steps():
+    """AR(1) walkers with rho = 0.9: tau = (1 + rho) / (1 - rho) = 19 steps."""
+    rng = np.random.default_rng(3)
+    rho, n, walkers = 0.9, 20_000, 16
+    x = np.empty((n, walkers, 1))
+    x[0] = rng.normal(size=(walkers, 1)) / np.sqrt(1 - rho**2)
+    for i in range(1, n):
+        x[i] = rho * x[i - 1] + rng.normal(size=(walkers, 1))
+    kw = {"n_burn": 0, "acceptance_fraction": 0.3, "tol": 50.0, "wall_time_s": 1.0}
+    full = ensemble_diagnostics(x, **kw)
+    thin = ensemble_diagnostics(x[::4], thin=4, n_run=n, **kw)
+    assert float(full.tau[0]) == pytest.approx(19.0, rel=0.1)
+    assert float(thin.tau[0]) == pytest.approx(19.0, rel=0.15)
+    assert (thin.n_steps, thin.is_converged) == (n, True)  # 20,000 >= 50 x 19
+    with pytest.raises(ValueError, match="thinned by 4 cannot be 30000 long"):
+        ensemble_diagnostics(x[::4], thin=4, n_run=30_000, **kw)
 
 
 def test_optimize_posterior_improves_on_the_prior_centre(mock, sim, centre):

@@ -576,6 +576,7 @@ def _run_mcmc(
         r = run_lenstronomy(obs, sim_cfg, n_particles=cfg.lt_particles,
                             n_iterations=cfg.lt_iterations, n_walkers=cfg.lt_walkers,
                             n_run=cfg.lt_steps, n_burn=cfg.lt_burn, use_progress=progress,
+                            max_samples=cfg.n_kept_samples,
                             rng=np.random.default_rng(seed))  # fmt: skip
         d = r.diagnostics
         tau = float(d.tau.max())

@@ -646,6 +646,7 @@ def run_lenstronomy(
     tol: float = 50.0,
     use_source_marg: bool = False,
     use_progress: bool = False,
+    max_samples: int | None = None,
     rng: np.random.Generator | None = None,
 ) -> LenstronomyResult:
     """lenstronomy + emcee as a lenstronomy user runs it: ``FittingSequence`` PSO, then emcee.
@@ -671,6 +672,12 @@ def run_lenstronomy(
         tol: Convergence rule ``n_run >= tol * max(tau)``.
         use_source_marg: lenstronomy's ``source_marg`` (amplitude marginalization term).
         use_progress: Show emcee's progress bar.
+        max_samples: Optional cap on the returned samples. The amplitude completion (one
+            linear solve with covariance per distinct chain position, about twice a
+            likelihood call) then runs only on every ``k``-th step of the chain, all walkers,
+            with ``k = ceil(n_run * n_walkers / max_samples)``, and tau comes from that
+            thinned chain in units of full steps (``ensemble_diagnostics(thin=k)``). None:
+            every step is completed and returned.
         rng: numpy generator; seeds numpy's global RNG (restored afterwards) for
             lenstronomy's PSO and emcee.
 
@@ -692,6 +699,9 @@ def run_lenstronomy(
             f"need n_particles, n_iterations >= 1, n_run >= 2, n_burn >= 0; got "
             f"{n_particles}, {n_iterations}, {n_run}, {n_burn}"
         )
+    if max_samples is not None and max_samples < n_walkers:
+        raise ValueError(f"max_samples must be >= n_walkers = {n_walkers}, got {max_samples}")
+    thin = 1 if max_samples is None else max(1, math.ceil(n_run * n_walkers / max_samples))
     fs = fitting_sequence(observation, config, sigma_scale=sigma_scale,
                           use_source_marg=use_source_marg)  # fmt: skip
     solver = _AmplitudeSolver(observation, config)
@@ -718,9 +728,10 @@ def run_lenstronomy(
         t2 = time.perf_counter()
         _, flat, _, log_like = chain_list[-1]
         best_fit = _to_theta(best_kwargs, solver.solve(best_kwargs)[0])
-        theta = np.empty((len(flat), len(NAMES)))
+        kept = flat.reshape(n_run, n_walkers, -1)[::thin].reshape(-1, flat.shape[-1])
+        theta = np.empty((len(kept), len(NAMES)))
         last: dict[int, tuple[np.ndarray, dict[str, Any], np.ndarray, np.ndarray]] = {}
-        for j, args in enumerate(flat):
+        for j, args in enumerate(kept):
             walker = j % n_walkers  # emcee's flat chain is step-major
             if walker in last and np.array_equal(last[walker][0], args):
                 # A rejected move repeats the position: reuse its solve, draw afresh.
@@ -730,11 +741,12 @@ def run_lenstronomy(
                 mean, cov = solver.solve(kwargs)
                 last[walker] = (args, kwargs, mean, cov)
             theta[j] = _to_theta(kwargs, rng.multivariate_normal(mean, cov))
-    chain = theta.reshape(n_run, n_walkers, len(NAMES))
+    chain = theta.reshape(-1, n_walkers, len(NAMES))
     # emcee keeps a walker in place when it rejects, so a move is an acceptance.
     moved = np.any(np.diff(flat.reshape(n_run, n_walkers, -1), axis=0) != 0, axis=-1)
     diagnostics = ensemble_diagnostics(chain, n_burn=n_burn, acceptance_fraction=moved.mean(),
-                                       tol=tol, wall_time_s=t2 - t1)  # fmt: skip
+                                       tol=tol, wall_time_s=t2 - t1, thin=thin,
+                                       n_run=n_run)  # fmt: skip
     samples = PosteriorSamples(theta=torch.from_numpy(theta), names=NAMES, log_prob=None,
                                method="lenstronomy")  # fmt: skip
     return LenstronomyResult(

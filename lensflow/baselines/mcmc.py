@@ -344,6 +344,8 @@ def ensemble_diagnostics(
     tol: float,
     wall_time_s: float,
     time_limited: bool = False,
+    thin: int = 1,
+    n_run: int | None = None,
 ) -> EnsembleDiagnostics:
     """Autocorrelation diagnostics of a post-burn-in ensemble chain.
 
@@ -354,15 +356,25 @@ def ensemble_diagnostics(
         tol: Required ``n_steps / max(tau)``.
         wall_time_s: Wall time of the run, seconds.
         time_limited: Whether a wall-time limit cut the chain short.
+        thin: ``chain`` holds every ``thin``-th step of the run (steps 0, thin, 2 thin, ...):
+            ``tau`` is returned in steps of the full run (the thinned estimate times
+            ``thin``).
+        n_run: Post-burn-in steps of the full run (default ``thin * len(chain)``); the
+            convergence rule and ``n_steps`` use it.
 
     Returns:
         The diagnostics record.
     """
-    n_steps, n_walkers, _ = chain.shape
+    if thin < 1:
+        raise ValueError(f"thin must be >= 1, got {thin}")
+    n_kept, n_walkers, _ = chain.shape
+    n_steps = n_kept * thin if n_run is None else n_run
+    if not (n_kept - 1) * thin < n_steps <= n_kept * thin:
+        raise ValueError(f"a chain of {n_kept} steps thinned by {thin} cannot be {n_steps} long")
     # tol=0: always return the estimate; the tol rule is applied below, as emcee does.
     with np.errstate(invalid="ignore", divide="ignore"):
         # A walker that never moved has a zero autocovariance: tau is NaN, not converged.
-        tau = emcee.autocorr.integrated_time(chain, c=5, tol=0, quiet=True)
+        tau = thin * emcee.autocorr.integrated_time(chain, c=5, tol=0, quiet=True)
     is_converged = bool(np.all(np.isfinite(tau)) and n_steps >= tol * np.max(tau))
     return EnsembleDiagnostics(
         tau=torch.from_numpy(np.asarray(tau, dtype=np.float64)),
