@@ -168,9 +168,9 @@ def markdown_report(report: BenchReport, *, command: str = "", figures: Sequence
             f"walkers x ({cfg.emcee_burn} burn-in + {cfg.emcee_steps} steps"
             + (f", at most {cfg.emcee_max_wall_s} s" if cfg.emcee_max_wall_s else "")
             + ") from "
-            f"`optimize_posterior` ({cfg.n_opt_starts} broad starts); C2ST on "
-            f"{cfg.c2st_samples:,} samples per side; reduced chi^2 of {cfg.n_chi2_samples} "
-            "re-simulated samples."
+            f"`optimize_posterior` ({cfg.n_opt_starts} broad starts); C2ST on up to "
+            f"{cfg.c2st_samples:,} samples per side (equal sides); reduced chi^2 of "
+            f"{cfg.n_chi2_samples} re-simulated samples."
         ),
         "",
     ]
