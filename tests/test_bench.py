@@ -129,6 +129,9 @@ def test_bench_json_summary_and_hardware(bench_run):
     assert all(v in (0.0, 1.0) for pair in cov["per_param"].values() for v in pair)
     goals = {g["goal"].split(" ")[0] for g in tree["summary"]["goals"]}
     assert {"speed-up", "mean", "C2ST", "coverage"} <= goals
+    # The goals are judged for flow + feedback, then again for the SMC refinement.
+    judged = [g["method"] for g in tree["summary"]["goals"]]
+    assert judged == ["flow+feedback"] * 5 + ["flow+smc"] * 5
     speed = tree["summary"]["speedups"][0]
     assert speed["lens"] == "demo_00" and speed["flow"] == "flow"
     assert (tmp / "out" / "figures" / "bench_corner_demo_00.png").stat().st_size > 1000

@@ -1025,19 +1025,30 @@ def judge_goals(
 ) -> list[dict[str, Any]]:
     """Issue 3's goals (``GOALS``) against the measured numbers, with the reasons not judged.
 
-    The flow variant judged is ``flow+feedback`` when it ran, else ``flow`` (noted).
+    The flow variant judged is ``flow+feedback`` when it ran, else ``flow`` (noted); when
+    ``flow+smc`` ran, the same goals are judged for it too (rows after the first set), as
+    the per-lens refinement a user can add.
 
     Args:
         per_method: ``summary["per_method"]`` of a report (method -> means and coverage).
         speedups: ``summary["speedups"]`` (one row per lens x flow variant).
 
     Returns:
-        One JSON-able row per goal: ``goal``, ``target``, ``measured`` (``None`` when not
-        measurable), ``met`` (``None`` when not judged), ``method`` and ``note``.
+        One JSON-able row per goal and variant: ``goal``, ``target``, ``measured``
+        (``None`` when not measurable), ``met`` (``None`` when not judged), ``method`` and
+        ``note``.
     """
-    flow = "flow+feedback" if "flow+feedback" in per_method else "flow"
+    first = "flow+feedback" if "flow+feedback" in per_method else "flow"
+    variants = [first] + (["flow+smc"] if "flow+smc" in per_method else [])
+    return [row for flow in variants for row in _judge(flow, per_method, speedups)]
+
+
+def _judge(
+    flow: str, per_method: dict[str, Any], speedups: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``judge_goals`` for one flow variant."""
     fm, em = per_method.get(flow, {}), per_method.get("emcee", {})
-    why_flow = "" if flow == "flow+feedback" else "no control net: the flow alone is measured"
+    why_flow = "no control net: the flow alone is measured" if flow == "flow" else ""
     emcee_conv = em.get("n_converged", 0) == em.get("n_lenses", -1)
     out = []
 
