@@ -725,7 +725,7 @@ def _chain_record(d: Any, names: Sequence[str]) -> dict[str, Any]:  # noqa: ANN4
         "acceptance_fraction": d.acceptance_fraction,
         "converged": d.is_converged,
         "chain_over_tau": d.n_steps / tau if tau > 0 and math.isfinite(tau) else None,
-        "time_limited": bool(getattr(d, "time_limited", False)),
+        "time_limited": d.time_limited,
     }
 
 

@@ -303,8 +303,10 @@ class EnsembleDiagnostics:
     Attributes:
         tau: Integrated autocorrelation time per parameter, in steps, shape ``(D,)``,
             columns ``params.NAMES``; estimated with emcee's windowing (``c = 5``) on the
-            post-burn-in chain.
-        n_steps: Steps per walker after burn-in (the chain the samples come from).
+            post-burn-in chain (on a thinned copy for ``run_lenstronomy(max_samples=)``,
+            still in steps of the full chain).
+        n_steps: Steps per walker after burn-in (the chain the samples come from; they may
+            be every ``k``-th step of it, see ``run_lenstronomy(max_samples=)``).
         n_burn: Discarded burn-in steps per walker.
         n_walkers: Number of walkers.
         acceptance_fraction: Mean fraction of accepted proposals over walkers.
