@@ -345,7 +345,7 @@ def run_fallback(result: FitResult, model: TrainedPosterior, *, seed: int = 0,
     Raises:
         ValueError: For an unknown ``method`` or ``prior``.
     """
-    if method not in ("mcmc", "smc"):
+    if method not in FALLBACKS[1:]:  # "none" is no re-run
         raise ValueError(f"fallback method must be 'mcmc' or 'smc', got {method!r}")
     import numpy as np
 

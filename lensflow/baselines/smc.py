@@ -47,6 +47,7 @@ __all__ = [
     "tempered_smc",
 ]
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lensflow.baselines.mcmc import _laplace_scale, _polish, _setup, log_posterior
+from lensflow.baselines.mcmc import _laplace_scale, _log_posterior_u, _polish, _setup
 from lensflow.observation import Observation
 from lensflow.params import NAMES
 from lensflow.prior import Prior
@@ -373,8 +374,7 @@ def run_smc(
     t0 = time.perf_counter()
 
     def density(u: Tensor) -> Tensor:  # log posterior in u, with the log-Jacobian
-        theta = box.from_u(u)
-        return log_posterior(theta, simulator, obs, prior) - box.log_abs_det(theta)
+        return _log_posterior_u(u, box, simulator, obs, prior)
 
     def target(u: Tensor) -> Tensor:
         with torch.no_grad():
@@ -391,7 +391,7 @@ def run_smc(
         target, mode, scale, nu=nu, n_particles=n_particles, n_moves=n_moves,
         n_final_moves=n_final_moves, ess_fraction=ess_fraction, generator=generator,
     )  # fmt: skip
-    diag = type(diag)(**{**diag.__dict__, "wall_time_s": time.perf_counter() - t0})
+    diag = dataclasses.replace(diag, wall_time_s=time.perf_counter() - t0)
     theta = box.from_u(u)
     samples = PosteriorSamples(
         theta=theta.detach().cpu(), names=NAMES,
