@@ -921,8 +921,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "keeps the seed it has in the full run")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="reuse the runs already in OUT/runs/<lens>/<method>/ made with the same "
-                   "config, model and seed (run long references one lens per process, then "
-                   "merge with a last --resume run)")  # fmt: skip
+                   "config, model, seed and --set sizes of that method (run long references one "
+                   "lens or method per process, then merge with a last --resume run)")  # fmt: skip
     p.add_argument("--real", action="store_true",
                    help="also the real Euclid Q1 lenses (no truths; skipped when absent)")  # fmt: skip
     p.add_argument("--real-root", metavar="DIR", help="real_lenses folder (default: shared)")

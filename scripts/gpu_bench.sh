@@ -15,7 +15,8 @@
 #                    seconds (69 tau at demo_01's tau of 435 if it runs to the end);
 #                    lenstronomy PSO 100 x 100 and emcee 500 + 3,000 steps, a capped chain
 #                    whose time to 10,000 samples is a lower bound). Every process of the
-#                    stage gets the same SET, so the merge can reuse their stored runs.
+#                    stage gets the same SET; a stored run's key holds only its own
+#                    method's sizes, so a later merge passes the union of the SETs.
 #     EMCEE_WALL=280 wall-time limit of the emcee chain (burn-in plus sampling), seconds
 #     FLOWS="flow,flow+feedback,flow+smc"   the flow methods of the mcmc stage
 #     MCMC_S=440     time limit of the lenstronomy run (in parallel with the rest), seconds;

@@ -257,6 +257,44 @@ def test_walker_ball_at_the_prior_edge_is_inside_and_not_degenerate():
     torch.testing.assert_close(spread, torch.full_like(spread, 6e-4), rtol=0.35, atol=0)
 
 
+def test_every_bench_size_is_in_a_run_key_or_used_only_at_merge():
+    """A new BenchConfig field must say which stored runs it shapes (bench._RUN_FIELDS)."""
+    fields = {f.name for f in dataclasses.fields(bench.BenchConfig)}
+    per_method = {name for names in bench._RUN_FIELDS.values() for name in names}
+    groups = [per_method, set(bench._RUN_COMMON), set(bench._MERGE_FIELDS),
+              set(bench._SELECTION_FIELDS)]  # fmt: skip
+    assert set().union(*groups) == fields
+    assert sum(map(len, groups[1:])) + len(per_method) == len(fields)  # disjoint
+    assert set(bench._RUN_FIELDS) == set(bench.METHODS)
+
+
+def test_run_key_keeps_only_the_method_s_sizes_and_old_keys_still_match(tmp_path):
+    """Runs stored with every override of their process (before per-method keys) merge."""
+    overrides = {"emcee_steps": 9, "lt_steps": 5, "smc_particles": 100, "n_kept_samples": 50}
+    assert bench.run_key("full", "euclid", 3, "lenstronomy", overrides)["overrides"] == {
+        "lt_steps": 5, "n_kept_samples": 50}  # fmt: skip
+    assert bench.run_key("full", "euclid", 3, "flow", {"emcee_steps": 9}) == {
+        "config": "full", "model": "euclid", "seed": 3}  # fmt: skip
+    from lensflow.sampling import PosteriorSamples
+
+    table_theta = torch.tensor([[0.1] * len(NAMES), [0.2] * len(NAMES)], dtype=torch.float64)
+    post = PosteriorSamples(table_theta)
+    folder = tmp_path / "emcee"
+    old_key = {"config": "full", "model": "euclid", "seed": 3, "overrides": overrides}
+    bench._save_run(folder, {"lens": "x", "method": "emcee", "run_key": old_key}, post)
+    same = {"emcee_steps": 9, "n_kept_samples": 50, "lt_steps": 77, "smc_particles": 1}
+    key = bench.run_key("full", "euclid", 3, "emcee", same)
+    loaded = bench._load_run(folder, key, "emcee")
+    assert loaded is not None and torch.equal(loaded[0].theta, table_theta)
+    for other in ({"emcee_steps": 10, "n_kept_samples": 50}, {"emcee_steps": 9}, {}):
+        assert bench._load_run(folder, bench.run_key("full", "euclid", 3, "emcee", other),
+                               "emcee") is None  # fmt: skip
+    assert bench._load_run(folder, bench.run_key("full", "euclid", 4, "emcee", overrides),
+                           "emcee") is None  # fmt: skip
+    (folder / "record.json").write_text('{"run_key": [1]}')  # damaged: run again
+    assert bench._load_run(folder, key, "emcee") is None
+
+
 def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, capsys):
     """A --lenses subset stores each run; --resume reads them back with the same numbers."""
     out = tmp_path / "out"
@@ -282,7 +320,8 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
         (folder / "record.json").write_text(json.dumps(record))
         assert cli.main([*args, "--resume"]) == 0
         second = json.loads((out / "bench-tiny.json").read_text())
-        # Other sizes (--set): nothing is reused, and the key records the change.
+        # Other emcee sizes (--set): the emcee run is made again and its key records the
+        # change; the flow's key holds only the flow's sizes, so its run is reused.
         assert cli.main([*args, "--set", "emcee_steps=12", "--resume"]) == 0
         third = json.loads((out / "bench-tiny.json").read_text())
         bad = cli.main(["bench", "--config", "small", "--lenses", "nope", "--out", str(out)])
@@ -302,8 +341,10 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
     assert by2["flow"]["median"] == pytest.approx(by1["flow"]["median"], rel=1e-6)
     assert by2["flow"]["c2st_vs_emcee"] == pytest.approx(by1["flow"]["c2st_vs_emcee"])
     assert "--lenses demo_02 --resume" in second["command"]
-    assert not any(r["reused"] for r in third["records"])
-    assert all(r["run_key"]["overrides"] == {"emcee_steps": 12} for r in third["records"])
+    by3 = {r["method"]: r for r in third["records"]}
+    assert by3["flow"]["reused"] and not by3["emcee"]["reused"]
+    assert by3["emcee"]["run_key"]["overrides"] == {"emcee_steps": 12}
+    assert "overrides" not in by3["flow"]["run_key"]
     assert "--set emcee_steps=12" in third["command"]
     assert any("emcee_steps=12" in n for n in third["notes"])
     samples, meta = read_samples(bench.run_folder(out, "demo_02", "emcee"))

@@ -56,6 +56,7 @@ __all__ = [
     "parse_overrides",
     "run_bench",
     "run_folder",
+    "run_key",
     "stack_samples",
 ]
 
@@ -241,7 +242,8 @@ def parse_overrides(text: str) -> dict[str, int]:
 def config_overrides(cfg: BenchConfig) -> dict[str, Any]:
     """The size fields in which ``cfg`` differs from the named config it carries.
 
-    Stored runs are reused (``run_bench(resume=True)``) only with the same overrides.
+    Stored runs are reused (``run_bench(resume=True)``) only with the same overrides of
+    the fields that shape that method's run (``run_key``).
 
     Args:
         cfg: A config, possibly ``dataclasses.replace``d from a ``BENCH_CONFIGS`` entry.
@@ -257,6 +259,53 @@ def config_overrides(cfg: BenchConfig) -> dict[str, Any]:
         for f in dataclasses.fields(cfg)
         if f.name not in _SELECTION_FIELDS and getattr(cfg, f.name) != getattr(base, f.name)
     }
+
+
+#: The ``BenchConfig`` fields each method's stored run depends on, besides ``_RUN_COMMON``.
+#: The C2ST and coverage sizes are not among them: they are recomputed at every merge.
+_OPT_FIELDS = ("n_opt_starts", "n_opt_steps", "n_polish", "n_polish_steps")
+_RUN_FIELDS: dict[str, tuple[str, ...]] = {
+    "flow": ("n_flow_samples",),
+    "flow+feedback": ("n_flow_samples",),
+    "flow+smc": ("n_flow_samples", "n_polish", "n_polish_steps", "smc_particles"),
+    "emcee": (*_OPT_FIELDS, "emcee_walkers", "emcee_burn", "emcee_steps", "emcee_max_wall_s"),
+    "nuts": (*_OPT_FIELDS, "nuts_samples", "nuts_warmup", "nuts_chains", "nuts_tree_depth"),
+    "lenstronomy": ("lt_particles", "lt_iterations", "lt_walkers", "lt_burn", "lt_steps"),
+}
+_RUN_COMMON = ("n_chi2_samples", "n_kept_samples")
+#: Fields used only when a run's records are merged (never part of a ``run_key``).
+_MERGE_FIELDS = ("c2st_samples", "c2st_max_iter", "n_coverage_samples")
+
+
+def run_key(
+    config: str, model: str, seed: int, method: str, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The key a stored run must carry to be reused by ``run_bench(resume=True)``.
+
+    Only the overrides of fields that shape ``method``'s run enter it, so runs made in
+    separate processes with different ``--set`` sizes for the other methods (an emcee chain
+    on a GPU lease, a lenstronomy chain on a CPU) still merge.
+
+    Args:
+        config: The config name.
+        model: The flow model (preset or path), as given.
+        seed: The lens's seed.
+        method: One of ``METHODS``.
+        overrides: ``config_overrides`` of the run (all methods).
+
+    Returns:
+        ``{"config", "model", "seed"}`` plus ``"overrides"`` when any relevant one is set.
+
+    Example:
+        >>> run_key("full", "euclid", 1, "emcee", {"emcee_steps": 9, "lt_steps": 5})
+        {'config': 'full', 'model': 'euclid', 'seed': 1, 'overrides': {'emcee_steps': 9}}
+    """
+    fields = (*_RUN_FIELDS[method], *_RUN_COMMON)
+    key: dict[str, Any] = {"config": config, "model": model, "seed": seed}
+    own = {k: v for k, v in overrides.items() if k in fields}
+    if own:
+        key["overrides"] = own
+    return key
 
 
 def parse_methods(methods: str | Iterable[str]) -> tuple[str, ...]:
@@ -777,8 +826,12 @@ def _save_run(folder: Path, record: dict[str, Any], samples: Any) -> None:  # no
                  lambda p: p.write_text(json.dumps(record, indent=1) + "\n"), fsync=True)  # fmt: skip
 
 
-def _load_run(folder: Path, key: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
-    """A stored run made with the same config, model and seed, else ``None``."""
+def _load_run(folder: Path, key: dict[str, Any], method: str) -> tuple[Any, dict[str, Any]] | None:
+    """A stored run made with the same ``run_key``, else ``None``.
+
+    A stored key is narrowed to ``method``'s fields first: runs stored before keys were
+    per method carry every override of their process.
+    """
     from lensflow.sampling import read_samples
 
     path = folder / "record.json"
@@ -786,10 +839,13 @@ def _load_run(folder: Path, key: dict[str, Any]) -> tuple[Any, dict[str, Any]] |
         return None
     try:
         record = json.loads(path.read_text())
-        if record.get("run_key") != key:
+        stored = record.get("run_key") or {}
+        narrowed = run_key(stored["config"], stored["model"], stored["seed"], method,
+                           stored.get("overrides", {}))  # fmt: skip
+        if narrowed != key:
             return None
         samples, _ = read_samples(folder / "samples.fits")
-    except (OSError, ValueError):  # a damaged run is simply run again
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged: run again
         return None
     return samples, record
 
@@ -887,11 +943,9 @@ def run_bench(
                 records.append(rec)
                 bar.update()
                 continue
-            key = {"config": cfg.name, "model": str(model), "seed": lens_seed}
-            if overrides:
-                key["overrides"] = overrides
+            key = run_key(cfg.name, str(model), lens_seed, method, overrides)
             folder = None if store is None else run_folder(store, lens.name, method)
-            stored = _load_run(folder, key) if resume and folder is not None else None
+            stored = _load_run(folder, key, method) if resume and folder is not None else None
             if stored is not None:
                 post, rec = stored
                 rec.pop("c2st_vs_emcee", None)
