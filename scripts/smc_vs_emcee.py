@@ -2,9 +2,10 @@
 
 The comparison that matters is on a full-size lens (``scripts/refine_probe.py`` against the
 ``reference`` bench chain, hours on a CPU). This one runs in minutes: a 16 x 16 mock
-(0.1"/px, PSF FWHM 0.15", the system of ``tests/test_baselines.py``) at a chosen noise,
-where emcee reaches 50 autocorrelation times quickly. Three samplers of the same float64
-posterior, all started as users start them:
+(0.1"/px, PSF FWHM 0.15": ``lensflow.mocks.mock_observation``'s default system, the one
+of ``tests/test_baselines.py``) at a chosen noise, where emcee reaches 50 autocorrelation
+times quickly. Three samplers of the same float64 posterior, all started as users start
+them:
 
 * **reference**: emcee, 64 walkers in a small ball at ``optimize_posterior``'s answer (16
   broad starts), ``--burn`` + ``--steps`` steps, checked against 50 tau;
@@ -35,25 +36,13 @@ import torch
 
 from lensflow.baselines.mcmc import box_transform, optimize_posterior, run_emcee
 from lensflow.baselines.smc import run_smc
-from lensflow.config import SimulatorConfig
 from lensflow.metrics import c2st
-from lensflow.observation import Observation
+from lensflow.mocks import COMPACT_CONFIG, mock_observation
 from lensflow.params import NAMES
 from lensflow.prior import Prior
 from lensflow.simulator import LensSimulator
 
 F64 = torch.float64
-CONFIG = SimulatorConfig(n_pix=16, pixel_scale_arcsec=0.1, upsample_factor=1,
-                         psf_fwhm_arcsec=0.15, background_rms=0.01)  # fmt: skip
-TRUTH = {
-    "lens_theta_e": 0.6, "lens_e1": 0.1, "lens_e2": -0.05, "lens_center_x": 0.03,
-    "lens_center_y": -0.02, "shear_gamma1": 0.02, "shear_gamma2": -0.01,
-    "source_amp": 60.0, "source_r_sersic": 0.2, "source_n_sersic": 1.5, "source_e1": 0.1,
-    "source_e2": 0.05, "source_center_x": 0.08, "source_center_y": 0.05,
-    "lens_light_amp": 20.0, "lens_light_r_sersic": 0.6, "lens_light_n_sersic": 3.0,
-    "lens_light_e1": 0.05, "lens_light_e2": 0.02, "lens_light_center_x": 0.03,
-    "lens_light_center_y": -0.02,
-}  # fmt: skip
 
 
 def compare(theta: torch.Tensor, ref: torch.Tensor, n: int, seed: int) -> dict:
@@ -83,14 +72,8 @@ def main() -> None:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     torch.set_num_threads(1)
-    theta = torch.tensor([TRUTH[n] for n in NAMES], dtype=F64)
-    sim = LensSimulator(CONFIG, dtype=F64)
-    x = sim(theta)
-    sigma = torch.full_like(x, args.noise)
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
-    obs = Observation(image=x + sigma * eps, sigma=sigma, psf=sim.psf.clone(),
-                      pixel_scale_arcsec=CONFIG.pixel_scale_arcsec,
-                      mask=torch.ones(x.shape, dtype=torch.bool), name="mock")  # fmt: skip
+    obs, _ = mock_observation(noise=args.noise, seed=7)
+    sim = LensSimulator(COMPACT_CONFIG, dtype=F64)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     best = optimize_posterior(sim, obs, generator=g)

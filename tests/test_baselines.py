@@ -32,7 +32,9 @@ from lensflow.baselines.mcmc import (
     run_nuts,
 )
 from lensflow.baselines.smc import run_smc, student_t_log_density, tempered_smc
-from lensflow.config import SimulatorConfig
+from lensflow.mocks import COMPACT_CONFIG as CONFIG
+from lensflow.mocks import COMPACT_TRUTH as TRUTH
+from lensflow.mocks import mock_observation
 from lensflow.observation import Observation
 from lensflow.params import NAMES, index
 from lensflow.prior import Prior
@@ -42,30 +44,6 @@ from lensflow.simulator import LensSimulator, chi2
 pytestmark = pytest.mark.filterwarnings("ignore:`axes` should not be `None`:DeprecationWarning")
 
 F64 = torch.float64
-CONFIG = SimulatorConfig(n_pix=16, pixel_scale_arcsec=0.1, upsample_factor=1,
-                         psf_fwhm_arcsec=0.15, background_rms=0.01)  # fmt: skip
-#: A system well inside the default prior box (every value away from the box edges).
-TRUTH = {
-    "lens_theta_e": 0.6, "lens_e1": 0.1, "lens_e2": -0.05, "lens_center_x": 0.03,
-    "lens_center_y": -0.02, "shear_gamma1": 0.02, "shear_gamma2": -0.01,
-    "source_amp": 60.0, "source_r_sersic": 0.2, "source_n_sersic": 1.5, "source_e1": 0.1,
-    "source_e2": 0.05, "source_center_x": 0.08, "source_center_y": 0.05,
-    "lens_light_amp": 20.0, "lens_light_r_sersic": 0.6, "lens_light_n_sersic": 3.0,
-    "lens_light_e1": 0.05, "lens_light_e2": 0.02, "lens_light_center_x": 0.03,
-    "lens_light_center_y": -0.02,
-}  # fmt: skip
-
-
-def _mock(noise: float = 0.05, seed: int = 7) -> tuple[Observation, torch.Tensor]:
-    theta = torch.tensor([TRUTH[n] for n in NAMES], dtype=F64)
-    sim = LensSimulator(CONFIG, dtype=F64)
-    x = sim(theta)
-    sigma = torch.full_like(x, noise)
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    obs = Observation(image=x + sigma * eps, sigma=sigma, psf=sim.psf.clone(),
-                      pixel_scale_arcsec=CONFIG.pixel_scale_arcsec,
-                      mask=torch.ones(x.shape, dtype=torch.bool), name="mock")  # fmt: skip
-    return obs, theta
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,7 +58,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def mock() -> tuple[Observation, torch.Tensor]:
-    return _mock()
+    return mock_observation()
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +90,20 @@ def _check_record(samples: PosteriorSamples, method: str, n: int) -> None:
 
 
 # --- fast: records and diagnostics ----------------------------------------------------------
+
+
+def test_mock_observation_is_the_truth_s_image_plus_seeded_noise(sim):
+    obs, theta = mock_observation(noise=0.05, seed=7)
+    again, _ = mock_observation(noise=0.05, seed=7)
+    assert torch.equal(obs.image, again.image) and obs.image.dtype == F64
+    resid = (obs.image - sim(theta)) / obs.sigma
+    assert abs(float(resid.mean())) < 0.2 and 0.8 < float(resid.std()) < 1.2  # 256 pixels
+    assert torch.equal(theta, torch.tensor([TRUTH[n] for n in NAMES], dtype=F64))
+    assert bool(obs.mask.all()) and torch.allclose(obs.psf, sim.psf)
+    with pytest.raises(ValueError, match=r"missing \['lens_e1'\]"):
+        mock_observation({k: v for k, v in TRUTH.items() if k != "lens_e1"})
+    with pytest.raises(ValueError, match="noise must be > 0"):
+        mock_observation(noise=0.0)
 
 
 def test_run_emcee_returns_registry_samples_and_diagnostics(mock, sim, centre):
@@ -314,7 +306,7 @@ def test_baselines_reject_observations_that_do_not_match_the_model(mock, sim, ce
 def test_run_emcee_rejects_a_non_finite_initial_log_posterior(centre):
     # A corrupted observation whose residuals overflow float32: chi2 = inf at every walker.
     sim32 = LensSimulator(CONFIG, dtype=torch.float32)
-    obs, _ = _mock()
+    obs, _ = mock_observation()
     broken = dataclasses.replace(obs, image=torch.full_like(obs.image, 1e30),
                                  sigma=torch.full_like(obs.sigma, 1e-10))  # fmt: skip
     with pytest.raises(ValueError, match="non-finite initial log posterior"):
@@ -530,7 +522,7 @@ def _covers(samples: PosteriorSamples, theta: torch.Tensor) -> dict[str, bool]:
 
 @pytest.mark.slow
 def test_run_emcee_recovers_the_truth(sim):
-    obs, theta = _mock(noise=0.02)
+    obs, theta = mock_observation(noise=0.02)
     result = run_emcee(sim, obs, n_walkers=64, n_steps=1500, n_burn=1500,
                        generator=torch.Generator().manual_seed(0),
                        rng=np.random.default_rng(0))  # fmt: skip
@@ -540,7 +532,7 @@ def test_run_emcee_recovers_the_truth(sim):
 
 @pytest.mark.slow
 def test_run_nuts_recovers_the_truth(sim):
-    obs, theta = _mock(noise=0.02)
+    obs, theta = mock_observation(noise=0.02)
     result = run_nuts(sim, obs, n_samples=100, n_warmup=100, n_chains=2, max_tree_depth=5,
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
     covered = _covers(result.samples, theta)
@@ -549,7 +541,7 @@ def test_run_nuts_recovers_the_truth(sim):
 
 @pytest.mark.slow
 def test_run_smc_recovers_the_truth(sim):
-    obs, theta = _mock(noise=0.02)
+    obs, theta = mock_observation(noise=0.02)
     # Started as users start it: around the broad-start optimizer's answer.
     best = optimize_posterior(sim, obs, generator=torch.Generator().manual_seed(0))
     box = box_transform(Prior(dtype=F64))
@@ -564,7 +556,7 @@ def test_run_smc_recovers_the_truth(sim):
 
 @pytest.mark.slow
 def test_run_lenstronomy_recovers_the_truth():
-    obs, theta = _mock(noise=0.02)
+    obs, theta = mock_observation(noise=0.02)
     result = run_lenstronomy(obs, CONFIG, n_particles=200, n_iterations=400, n_walkers=64,
                              n_run=1000, n_burn=500, rng=np.random.default_rng(0))  # fmt: skip
     covered = _covers(result.samples, theta)
