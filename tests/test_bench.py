@@ -320,6 +320,7 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
         (folder / "record.json").write_text(json.dumps(record))
         assert cli.main([*args, "--resume"]) == 0
         second = json.loads((out / "bench-tiny.json").read_text())
+        second_md = (out / "bench-tiny.md").read_text()
         # Other emcee sizes (--set): the emcee run is made again and its key records the
         # change; the flow's key holds only the flow's sizes, so its run is reused.
         assert cli.main([*args, "--set", "emcee_steps=12", "--resume"]) == 0
@@ -336,6 +337,14 @@ def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, ca
     assert by2["emcee"]["timed_on"] == "NVIDIA H100 80GB HBM3 + a 16-core host"
     assert any("timed on another machine" in n and "H100" in n for n in second["notes"])
     assert not any("timed on another machine" in n for n in first["notes"])
+    # The speed-up pairs a flow timed here with a chain timed there, and says so.
+    mixed = [here, "NVIDIA H100 80GB HBM3 + a 16-core host"]
+    assert second["summary"]["speedups"][0]["vs_emcee_timed_on"] == mixed
+    assert "vs_emcee_timed_on" not in first["summary"]["speedups"][0]
+    assert "same machine unless marked †" in second_md and " †" in second_md.split("† The")[0]
+    assert f"† The two runs were timed on different machines (flow / MCMC): {here} / " in second_md
+    goal = next(g for g in second["summary"]["goals"] if g["goal"].startswith("speed-up vs emcee"))
+    assert "timed on different machines" in goal["note"]
     assert not by2["flow"]["reused"]  # key mismatch: run again, with the lens's own seed
     assert by2["emcee"]["median"] == by1["emcee"]["median"]
     assert by2["flow"]["median"] == pytest.approx(by1["flow"]["median"], rel=1e-6)

@@ -1069,6 +1069,10 @@ def _summarize(
                     row[f"vs_{ref}"] = (by[ref]["time_to_10k_samples_s"]
                                         / by[f]["time_to_10k_samples_s"])  # fmt: skip
                     row[f"vs_{ref}_wall"] = by[ref]["wall_time_s"] / by[f]["time_to_10k_samples_s"]
+                    # A --resume merge may pair runs timed on different machines: say so.
+                    here, there = by[f].get("timed_on"), by[ref].get("timed_on")
+                    if here != there:
+                        row[f"vs_{ref}_timed_on"] = [here, there]
             speedups.append(row)
     goals = judge_goals(per_method, speedups)
     return {"per_method": per_method, "speedups": speedups, "goals": goals}
@@ -1123,6 +1127,9 @@ def _judge(
                 f"{ref} chains not converged: tau and the time to 10,000 samples are lower bounds"
             )
         )
+        if any(f"vs_{ref}_timed_on" in s_ for s_ in speedups if s_["flow"] == flow):
+            mixed = "runs timed on different machines (see the speed-up table)"
+            why = f"{why}; {mixed}" if why else mixed
         if v is None:
             ran = any(f"vs_{ref}" in s_ for s_ in speedups)
             why = (

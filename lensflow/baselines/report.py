@@ -212,19 +212,27 @@ def markdown_report(report: BenchReport, *, command: str = "", figures: Sequence
             f"{_fmt(e['mean_chi2_red_samples'], '.2f')} | {_fmt(cov[0], '.2f')} | "
             f"{_fmt(cov[1], '.2f')} | {_fmt(e['mean_c2st_vs_emcee'], '.3f')} |"
         )
+    speedups = report.summary["speedups"]
+    pairs = {tuple(s[k]) for s in speedups for k in s if k.endswith("_timed_on")}
     lines += [
         "",
-        (
-            "Speed-ups (MCMC time to 10,000 samples / flow time for 10,000 samples, same run, "
-            "same machine):"
-        ),
+        "Speed-ups (MCMC time to 10,000 samples / flow time for 10,000 samples, same run, "
+        + ("same machine unless marked †):" if pairs else "same machine):"),
         "",
         "| lens | flow | vs emcee | vs NUTS | vs lenstronomy |",
         "|---|---|---:|---:|---:|",
     ]
-    for s in report.summary["speedups"]:
-        lines.append(f"| {s['lens']} | {s['flow']} | {_fmt(s.get('vs_emcee'), '.3g')} | "
-                     f"{_fmt(s.get('vs_nuts'), '.3g')} | {_fmt(s.get('vs_lenstronomy'), '.3g')} |")  # fmt: skip
+
+    def ratio(s: dict[str, Any], ref: str) -> str:
+        mark = " †" if f"vs_{ref}_timed_on" in s else ""
+        return _fmt(s.get(f"vs_{ref}"), ".3g") + mark
+
+    for s in speedups:
+        lines.append(f"| {s['lens']} | {s['flow']} | {ratio(s, 'emcee')} | {ratio(s, 'nuts')} | "
+                     f"{ratio(s, 'lenstronomy')} |")  # fmt: skip
+    if pairs:
+        lines += ["", "† The two runs were timed on different machines (flow / MCMC): "
+                  + "; ".join(f"{a} / {b}" for a, b in sorted(pairs, key=str)) + "."]  # fmt: skip
     lines += ["", "Issue 3's goals:", "", "| goal | target | measured | met | note |",
               "|---|---|---:|---|---|"]  # fmt: skip
     for g in report.summary["goals"]:
