@@ -18,13 +18,15 @@ from lensflow.baselines import bench, report
 from lensflow.params import NAMES
 from lensflow.sampling import read_samples
 
-#: Tiny sizes: one lens, 256 flow samples, a 10-step chain (far below 50 tau).
+#: Tiny sizes: one lens, 256 flow samples, a 10-step chain (far below 50 tau), and a
+#: lenstronomy PSO of 4 particles x 2 iterations with a 4-step chain.
 TINY = bench.BenchConfig(
-    name="tiny", n_lenses=1, methods=("flow", "flow+feedback", "flow+smc", "emcee"),
+    name="tiny", n_lenses=1,
+    methods=("flow", "flow+feedback", "flow+smc", "emcee", "lenstronomy"),
     n_flow_samples=256, smc_particles=64,
     n_opt_starts=2, n_opt_steps=3, n_polish=1, n_polish_steps=3, emcee_walkers=42,
-    emcee_burn=2, emcee_steps=10, c2st_samples=128, c2st_max_iter=30, n_chi2_samples=4,
-    n_coverage_samples=128,
+    emcee_burn=2, emcee_steps=10, lt_particles=4, lt_iterations=2, lt_walkers=38, lt_burn=0,
+    lt_steps=4, c2st_samples=128, c2st_max_iter=30, n_chi2_samples=4, n_coverage_samples=128,
 )  # fmt: skip
 
 
@@ -85,6 +87,27 @@ def test_bench_short_chain_is_marked_not_converged(bench_run):
     assert r["wall_time_s"] >= r["init_time_s"] + 12 * r["time_per_step_s"] * 0.99
     assert "broad starts" in r["start"]
     assert set(r["tau"]) == set(NAMES)
+
+
+def test_bench_lenstronomy_record_says_whether_its_pso_found_the_truth_s_mode(bench_run):
+    """A 4 x 2 PSO ends far below the truth (here at a negative solved source amplitude,
+    outside the prior box): the record and the table say so."""
+    tmp, _, tree = bench_run
+    r = _record(tree, "lenstronomy")
+    assert r["status"] == "ok" and r["start"] == "PSO from the prior-box centre"
+    assert (r["n_walkers"], r["n_burn"], r["n_steps"]) == (38, 0, 4) and not r["converged"]
+    for key in ("truth_log_posterior", "init_time_s", "wall_time_s"):
+        assert math.isfinite(r[key]), key
+    emcee = _record(tree, "emcee")  # the same float64 posterior at the same truth
+    assert r["truth_log_posterior"] == pytest.approx(emcee["truth_log_posterior"], rel=1e-9)
+    lp = r["start_log_posterior"]  # None in JSON: -inf
+    assert lp is None or r["truth_log_posterior"] - lp > 10
+    row = next(line for line in (tmp / "out" / "bench-tiny.md").read_text().splitlines()
+               if line.startswith("| demo_00 | lenstronomy |"))  # fmt: skip
+    assert ("start outside the prior box" if lp is None else "(another mode)") in row
+    assert report._mode_note({"start_log_posterior": -math.inf, "truth_log_posterior": 1.0})
+    assert report._mode_note({"start_log_posterior": 0.0, "truth_log_posterior": 5.0}) == ""
+    assert report._mode_note({"method": "flow"}) == ""
 
 
 def test_bench_smc_refines_the_flow_samples_and_records_its_run(bench_run):

@@ -608,14 +608,34 @@ def _emcee_times(opt_s: float, step_s: float, n_burn: int, n_walkers: int, tau: 
     }
 
 
+def _start_and_truth_log_posterior(
+    lens: BenchLens, sim_cfg: Any, theta: Tensor, dev: torch.device, sim: Any = None,  # noqa: ANN401
+) -> tuple[float, float | None]:  # fmt: skip
+    """lensflow's float64 log posterior of an MCMC start ``(D,)`` and of the lens's truth
+    (``None`` without one), so a chain that started in another mode is visible."""
+    from lensflow.baselines.mcmc import log_posterior
+    from lensflow.prior import Prior
+    from lensflow.simulator import LensSimulator
+
+    obs = lens.observation
+    if sim is None:
+        sim = LensSimulator(sim_cfg, psf_kernel=obs.psf, dtype=torch.float64, device=dev)
+    prior = Prior(dtype=torch.float64, device=dev)
+    pts = [theta.to(dev, torch.float64)]
+    if lens.truth is not None:
+        pts.append(lens.truth.to(dev, torch.float64))
+    with torch.no_grad():
+        logp = log_posterior(torch.stack(pts), sim, obs.to(torch.float64, dev), prior)
+    return float(logp[0]), float(logp[1]) if len(pts) > 1 else None
+
+
 def _run_mcmc(
     method: str, lens: BenchLens, cfg: BenchConfig, sim_cfg: Any, dev: torch.device,  # noqa: ANN401
     seed: int, start: dict[str, Any], progress: bool,
 ) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """One MCMC baseline on one lens: samples and its record (timings, diagnostics)."""
-    from lensflow.baselines.mcmc import log_posterior, optimize_posterior, run_emcee, run_nuts
+    from lensflow.baselines.mcmc import optimize_posterior, run_emcee, run_nuts
     from lensflow.params import NAMES
-    from lensflow.prior import Prior
     from lensflow.simulator import LensSimulator
 
     obs = lens.observation
@@ -629,8 +649,12 @@ def _run_mcmc(
                             rng=np.random.default_rng(seed))  # fmt: skip
         d = r.diagnostics
         tau = float(d.tau.max())
+        # Did the PSO find the truth's mode? lensflow's log posterior of its end point.
+        lp, lt = _start_and_truth_log_posterior(lens, sim_cfg, r.best_fit, dev)
         rec = {
             "start": "PSO from the prior-box centre",
+            "start_log_posterior": lp,
+            "truth_log_posterior": lt,
             "init_time_s": r.pso_wall_time_s,
             "wall_time_s": r.pso_wall_time_s + d.wall_time_s,
             **_chain_record(d, NAMES),
@@ -647,12 +671,9 @@ def _run_mcmc(
         _sync(dev)
         start["time_s"] = time.perf_counter() - t0
         # Is the start in the truth's mode? A broad-start optimizer can end in another one.
-        prior = Prior(dtype=torch.float64, device=dev)
-        with torch.no_grad():
-            pts = [start["theta"]] + ([lens.truth.to(dev)] if lens.truth is not None else [])
-            logp = log_posterior(torch.stack(pts), sim, obs.to(torch.float64, dev), prior)
-        start["log_posterior"] = float(logp[0])
-        start["truth_log_posterior"] = float(logp[1]) if len(pts) > 1 else None
+        start["log_posterior"], start["truth_log_posterior"] = _start_and_truth_log_posterior(
+            lens, sim_cfg, start["theta"], dev, sim=sim
+        )
     init, opt_s = start["theta"], start["time_s"]
     where = (f"optimize_posterior ({cfg.n_opt_starts} broad starts, not the truth or the flow)"
              "; emcee walkers in a ball of 1e-3 prior widths around it")  # fmt: skip

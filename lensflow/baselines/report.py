@@ -107,9 +107,15 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
 
 
 def _mode_note(r: dict[str, Any]) -> str:
-    """Says when the optimizer's start is more than 10 nats below the truth's posterior."""
-    lp, lt = r.get("start_log_posterior"), r.get("truth_log_posterior")
-    if lp is None or lt is None or lt - lp <= 10:
+    """Says when the MCMC start (optimizer or PSO end point) is more than 10 nats below the
+    truth's posterior, or outside the prior box (``None`` in JSON: e.g. a PSO end point
+    whose linearly solved amplitude is negative)."""
+    if "start_log_posterior" not in r:
+        return ""
+    lp, lt = r["start_log_posterior"], r.get("truth_log_posterior")
+    if lp is None or not math.isfinite(lp):
+        return "; start outside the prior box"
+    if lt is None or lt - lp <= 10:
         return ""
     return f"; start {lt - lp:.0f} nats below the truth (another mode)"
 
