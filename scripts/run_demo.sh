@@ -5,8 +5,8 @@
 # plot its calibration against the known truths and a paper-style corner plot of one
 # lens, and, where ../shared is present, fit a real Euclid Q1 lens: the flow is flagged
 # there (the shipped networks miss real lenses, docs/real-lenses.md), so the fit falls back
-# to emcee on the same likelihood (18 more minutes on one core of a 2-core VM, README),
-# which finds the reference theta_E of 0.849".
+# to tempered SMC on the same likelihood (about 9 more minutes on one core of a 2-core VM,
+# half the emcee fallback's time; README), which finds the reference theta_E of 0.849".
 source "$(dirname "$0")/_env.sh" plots,baselines
 OUT="${1:-$ROOT/lensflow-demo}"
 mkdir -p "$OUT"
@@ -21,9 +21,9 @@ lensflow corner "$OUT/catalog/lenses/demo_03" --truths catalogs/demo_truth.ecsv 
 REAL="$ROOT/../shared/data/real_lenses/EuclidQ1_102018665_NEG570040238507752998"
 if [ -d "$REAL" ]; then
     echo ">> lensflow fit: a real Euclid Q1 lens (VIS; reference theta_E 0.849\" from PyAutoLens)"
-    echo "   the flow is flagged on it, so --fallback mcmc re-runs it with emcee (~20 min on one core)"
+    echo "   the flow is flagged on it, so --fallback smc re-runs it with tempered SMC (~10 min on one core)"
     lensflow fit "$REAL/102018665_NEG570040238507752998.fits" --band VIS -n 500 \
-        --fallback mcmc --out "$OUT/real_NEG570040238507752998"
+        --fallback smc --out "$OUT/real_NEG570040238507752998"
 fi
 python - "$OUT" <<'PY'
 import sys
