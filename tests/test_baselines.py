@@ -200,6 +200,27 @@ def test_run_lenstronomy_returns_registry_samples_quietly(mock, capsys):
     assert out.out == "" and out.err == ""  # lenstronomy's prints and PSO bar swallowed
 
 
+def test_run_lenstronomy_start_centres_the_pso_on_the_given_parameters(mock):
+    """A short PSO from the box centre ends far from the truth; the same PSO around the
+    truth (standing in for an optimizer's result) stays in its mode."""
+    obs, theta = mock
+    # Before any fit, best_fit() is the start: the given values, not the box centre.
+    init = fitting_sequence(obs, CONFIG, start=theta).best_fit(bijective=True)
+    kw = to_lenstronomy(theta)
+    for group in ("kwargs_lens", "kwargs_source", "kwargs_lens_light"):
+        for got, want in zip(init[group], getattr(kw, group), strict=True):
+            for key, value in got.items():
+                assert value == pytest.approx(want[key], abs=1e-5), (group, key)
+    box = fitting_sequence(obs, CONFIG).best_fit(bijective=True)
+    assert box["kwargs_lens"][0]["theta_E"] != pytest.approx(kw.kwargs_lens[0]["theta_E"])
+    kwargs = {"n_particles": 8, "n_iterations": 3, "n_walkers": 38, "n_run": 2, "n_burn": 0}
+    centre = run_lenstronomy(obs, CONFIG, rng=np.random.default_rng(0), **kwargs)
+    near = run_lenstronomy(obs, CONFIG, start=theta, rng=np.random.default_rng(0), **kwargs)
+    i = index("lens_theta_e")
+    assert abs(float(near.best_fit[i]) - float(theta[i])) < 0.05
+    assert float(near.log_likelihood.max()) > float(centre.log_likelihood.max()) + 100
+
+
 def test_run_lenstronomy_max_samples_completes_every_kth_step_of_the_same_chain(mock):
     obs, _ = mock
     kw = {"n_particles": 8, "n_iterations": 3, "n_walkers": 38, "n_run": 10, "n_burn": 0}
@@ -319,6 +340,7 @@ def test_run_emcee_rejects_a_non_finite_initial_log_posterior(centre):
         ({"n_walkers": 36}, "n_walkers must be even and >= 2 x 19"),
         ({"n_run": 1}, "n_run >= 2"),
         ({"n_particles": 0}, "n_particles"),
+        ({"start": torch.zeros(5)}, r"start must have shape \(21,\)"),
     ],
 )
 def test_run_lenstronomy_rejects_bad_settings(mock, kwargs, match):

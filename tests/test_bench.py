@@ -110,6 +110,28 @@ def test_bench_lenstronomy_record_says_whether_its_pso_found_the_truth_s_mode(be
     assert report._mode_note({"method": "flow"}) == ""
 
 
+def test_bench_lenstronomy_can_start_its_pso_at_the_optimizer(tmp_path):
+    """--set lt_start_optimizer=1: the PSO is centred on optimize_posterior's result."""
+    cfg = dataclasses.replace(TINY, methods=("lenstronomy",))
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setitem(bench.BENCH_CONFIGS, "small", cfg)
+        mp.setitem(bench.BENCH_CONFIGS, "tiny", cfg)  # the name the outputs carry
+        status = cli.main(["bench", "--config", "small", "--out", str(out), "--quiet",
+                           "--set", "lt_start_optimizer=1"])  # fmt: skip
+    torch.set_num_threads(threads)
+    assert status == 0
+    r = json.loads((out / "bench-tiny.json").read_text())["records"][0]
+    assert r["status"] == "ok" and r["start"].startswith("PSO around optimize_posterior")
+    assert r["run_key"]["overrides"] == {"lt_start_optimizer": 1}
+    assert r["init_time_s"] < r["wall_time_s"] and math.isfinite(r["truth_log_posterior"])
+    # The optimizer's result is inside the box and the PSO keeps the best point it has
+    # seen, so its end point is no worse than the start the emcee test gets.
+    assert r["start_log_posterior"] is not None and math.isfinite(r["start_log_posterior"])
+
+
 def test_bench_smc_refines_the_flow_samples_and_records_its_run(bench_run):
     _, _, tree = bench_run
     r = _record(tree, "flow+smc")

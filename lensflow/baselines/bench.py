@@ -124,6 +124,9 @@ class BenchConfig:
         lt_walkers: lenstronomy emcee walkers.
         lt_burn: lenstronomy emcee burn-in steps.
         lt_steps: Kept lenstronomy emcee steps.
+        lt_start_optimizer: 1: centre lenstronomy's PSO on ``optimize_posterior``'s result
+            (the start emcee and NUTS share; its time is added to lenstronomy's); 0: on the
+            prior-box centre, as before (on demo_01 that PSO ends in another mode).
         smc_particles: Particles of ``flow+smc`` (``baselines.smc.run_smc``).
         c2st_samples: Samples per side of each C2ST (evenly spaced subsets).
         c2st_max_iter: Classifier epochs at most.
@@ -155,6 +158,7 @@ class BenchConfig:
     lt_walkers: int = 64
     lt_burn: int = 100
     lt_steps: int = 200
+    lt_start_optimizer: int = 0
     smc_particles: int = 2000
     c2st_samples: int = 2000
     c2st_max_iter: int = 1000
@@ -270,7 +274,15 @@ _RUN_FIELDS: dict[str, tuple[str, ...]] = {
     "flow+smc": ("n_flow_samples", "n_polish", "n_polish_steps", "smc_particles"),
     "emcee": (*_OPT_FIELDS, "emcee_walkers", "emcee_burn", "emcee_steps", "emcee_max_wall_s"),
     "nuts": (*_OPT_FIELDS, "nuts_samples", "nuts_warmup", "nuts_chains", "nuts_tree_depth"),
-    "lenstronomy": ("lt_particles", "lt_iterations", "lt_walkers", "lt_burn", "lt_steps"),
+    "lenstronomy": (
+        *_OPT_FIELDS,
+        "lt_particles",
+        "lt_iterations",
+        "lt_walkers",
+        "lt_burn",
+        "lt_steps",
+        "lt_start_optimizer",
+    ),
 }
 _RUN_COMMON = ("n_chi2_samples", "n_kept_samples")
 #: Fields used only when a run's records are merged (never part of a ``run_key``).
@@ -629,6 +641,41 @@ def _start_and_truth_log_posterior(
     return float(logp[0]), float(logp[1]) if len(pts) > 1 else None
 
 
+def _run_lenstronomy(
+    lens: BenchLens, cfg: BenchConfig, sim_cfg: Any, dev: torch.device, seed: int,  # noqa: ANN401
+    start: dict[str, Any], progress: bool,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """lenstronomy's PSO + emcee on one lens, its PSO centred on the prior box, or on the
+    shared optimizer result with ``cfg.lt_start_optimizer`` (its time then counts)."""
+    from lensflow.baselines.lenstronomy import run_lenstronomy
+    from lensflow.params import NAMES
+
+    centre = start["theta"].cpu() if cfg.lt_start_optimizer else None
+    opt_s = start["time_s"] if cfg.lt_start_optimizer else 0.0
+    r = run_lenstronomy(lens.observation, sim_cfg, n_particles=cfg.lt_particles,
+                        n_iterations=cfg.lt_iterations, n_walkers=cfg.lt_walkers,
+                        n_run=cfg.lt_steps, n_burn=cfg.lt_burn, use_progress=progress,
+                        max_samples=cfg.n_kept_samples, start=centre,
+                        rng=np.random.default_rng(seed))  # fmt: skip
+    d = r.diagnostics
+    tau = float(d.tau.max())
+    # Did the PSO find the truth's mode? lensflow's log posterior of its end point.
+    lp, lt = _start_and_truth_log_posterior(lens, sim_cfg, r.best_fit, dev)
+    where = ("PSO around optimize_posterior's result "
+             f"({cfg.n_opt_starts} broad starts, not the truth or the flow)"
+             if cfg.lt_start_optimizer else "PSO from the prior-box centre")  # fmt: skip
+    rec = {
+        "start": where,
+        "start_log_posterior": lp,
+        "truth_log_posterior": lt,
+        "init_time_s": opt_s + r.pso_wall_time_s,
+        "wall_time_s": opt_s + r.pso_wall_time_s + d.wall_time_s,
+        **_chain_record(d, NAMES),
+        **_emcee_times(opt_s + r.pso_wall_time_s, d.time_per_step_s, d.n_burn, d.n_walkers, tau),
+    }
+    return r.samples, rec
+
+
 def _run_mcmc(
     method: str, lens: BenchLens, cfg: BenchConfig, sim_cfg: Any, dev: torch.device,  # noqa: ANN401
     seed: int, start: dict[str, Any], progress: bool,
@@ -639,30 +686,9 @@ def _run_mcmc(
     from lensflow.simulator import LensSimulator
 
     obs = lens.observation
-    if method == "lenstronomy":
-        from lensflow.baselines.lenstronomy import run_lenstronomy
-
-        r = run_lenstronomy(obs, sim_cfg, n_particles=cfg.lt_particles,
-                            n_iterations=cfg.lt_iterations, n_walkers=cfg.lt_walkers,
-                            n_run=cfg.lt_steps, n_burn=cfg.lt_burn, use_progress=progress,
-                            max_samples=cfg.n_kept_samples,
-                            rng=np.random.default_rng(seed))  # fmt: skip
-        d = r.diagnostics
-        tau = float(d.tau.max())
-        # Did the PSO find the truth's mode? lensflow's log posterior of its end point.
-        lp, lt = _start_and_truth_log_posterior(lens, sim_cfg, r.best_fit, dev)
-        rec = {
-            "start": "PSO from the prior-box centre",
-            "start_log_posterior": lp,
-            "truth_log_posterior": lt,
-            "init_time_s": r.pso_wall_time_s,
-            "wall_time_s": r.pso_wall_time_s + d.wall_time_s,
-            **_chain_record(d, NAMES),
-            **_emcee_times(r.pso_wall_time_s, d.time_per_step_s, d.n_burn, d.n_walkers, tau),
-        }
-        return r.samples, rec
     sim = LensSimulator(sim_cfg, psf_kernel=obs.psf, dtype=torch.float64, device=dev)
-    if "theta" not in start:  # one optimizer run per lens, shared by emcee and NUTS
+    if "theta" not in start and (method != "lenstronomy" or cfg.lt_start_optimizer):
+        # One optimizer run per lens, shared by emcee, NUTS and (if asked) lenstronomy.
         t0 = time.perf_counter()
         start["theta"] = optimize_posterior(
             sim, obs, n_starts=cfg.n_opt_starts, n_steps=cfg.n_opt_steps, n_polish=cfg.n_polish,
@@ -674,6 +700,8 @@ def _run_mcmc(
         start["log_posterior"], start["truth_log_posterior"] = _start_and_truth_log_posterior(
             lens, sim_cfg, start["theta"], dev, sim=sim
         )
+    if method == "lenstronomy":
+        return _run_lenstronomy(lens, cfg, sim_cfg, dev, seed, start, progress)
     init, opt_s = start["theta"], start["time_s"]
     where = (f"optimize_posterior ({cfg.n_opt_starts} broad starts, not the truth or the flow)"
              "; emcee walkers in a ball of 1e-3 prior widths around it")  # fmt: skip

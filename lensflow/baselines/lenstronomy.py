@@ -461,13 +461,20 @@ def likelihood_mask(observation: Observation, config: SimulatorConfig) -> np.nda
     return mask.astype(int)
 
 
-def _box_kwargs(specs: Sequence[ParamSpec], attr: str) -> dict[str, list[dict[str, float]]]:
-    """Registry values (``prior_low``, centre, ...) as lenstronomy keyword lists."""
+def _box_kwargs(
+    specs: Sequence[ParamSpec], attr: str, start: Tensor | None = None
+) -> dict[str, list[dict[str, float]]]:
+    """Registry values (``prior_low``, centre, ...) as lenstronomy keyword lists; with
+    ``attr="start"``, the values of ``start`` ``(D,)`` pulled a hair inside the box."""
     out = {group: [{} for _ in profiles] for group, profiles in _PROFILES.items()}
-    for spec, (group, i, key) in zip(specs, _KEYS, strict=True):
+    for k, (spec, (group, i, key)) in enumerate(zip(specs, _KEYS, strict=True)):
         if key in _LINEAR_KEYS:
             continue
         lo, hi = spec.prior_low, spec.prior_high
+        if attr == "start":
+            margin = 1e-6 * (hi - lo)
+            out[group][i][key] = min(max(float(start[k]), lo + margin), hi - margin)
+            continue
         value = {"low": lo, "high": hi, "centre": 0.5 * (lo + hi), "width": hi - lo}[attr]
         out[group][i][key] = value
     return out
@@ -480,13 +487,15 @@ def fitting_sequence(
     specs: Sequence[ParamSpec] = REGISTRY,
     sigma_scale: float = 0.25,
     use_source_marg: bool = False,
+    start: Tensor | None = None,
 ) -> FittingSequence:
     """lenstronomy's ``FittingSequence`` of the lensflow model on an observation.
 
     Model, grid, PSF and supersampling are those of :func:`image_model` (``n_pad=0``: the
     data grid); the noise is the observation's ``sigma`` as lenstronomy's ``noise_map``;
     the likelihood mask is :func:`likelihood_mask`. Bounds are the registry's default prior
-    box, the start (PSO centre) is the box centre, with ``sigma = sigma_scale * width``.
+    box, the start (PSO centre) is the box centre, or ``start``, with
+    ``sigma = sigma_scale * width``.
     The two amplitudes are solved linearly at every likelihood call, as lenstronomy does by
     default (19 sampled parameters).
 
@@ -498,6 +507,9 @@ def fitting_sequence(
             the prior width (lenstronomy multiplies it by the stage's own ``sigma_scale``).
         use_source_marg: Add lenstronomy's marginalization term over the linear amplitudes
             (``source_marg``); off by default, as lenstronomy users run it.
+        start: Physical parameters ``(D,)`` (registry order) to centre the PSO on instead
+            of the box centre, e.g. an optimizer's result; its amplitudes are ignored (they
+            are solved), the rest are pulled a hair inside the box.
 
     Returns:
         The configured ``FittingSequence``.
@@ -529,7 +541,8 @@ def fitting_sequence(
         "source_light_model_list": _PROFILES["kwargs_source"],
         "lens_light_model_list": _PROFILES["kwargs_lens_light"],
     }
-    init, width = _box_kwargs(specs, "centre"), _box_kwargs(specs, "width")
+    init = _box_kwargs(specs, "centre") if start is None else _box_kwargs(specs, "start", start)
+    width = _box_kwargs(specs, "width")
     low, high = _box_kwargs(specs, "low"), _box_kwargs(specs, "high")
     fixed: dict[str, list[dict[str, float]]] = {g: [{} for _ in p] for g, p in _PROFILES.items()}
     for (group, i), values in _FIXED.items():
@@ -647,6 +660,7 @@ def run_lenstronomy(
     use_source_marg: bool = False,
     use_progress: bool = False,
     max_samples: int | None = None,
+    start: Tensor | None = None,
     rng: np.random.Generator | None = None,
 ) -> LenstronomyResult:
     """lenstronomy + emcee as a lenstronomy user runs it: ``FittingSequence`` PSO, then emcee.
@@ -678,6 +692,9 @@ def run_lenstronomy(
             with ``k = ceil(n_run * n_walkers / max_samples)``, and tau comes from that
             thinned chain in units of full steps (``ensemble_diagnostics(thin=k)``). None:
             every step is completed and returned.
+        start: Physical parameters ``(D,)`` to centre the PSO on (``fitting_sequence``);
+            None: the prior-box centre. On demo_01 (64 x 64) a 200 x 400 PSO from the box
+            centre ended in another mode with three seeds (docs/benchmarks.md).
         rng: numpy generator; seeds numpy's global RNG (restored afterwards) for
             lenstronomy's PSO and emcee.
 
@@ -702,8 +719,10 @@ def run_lenstronomy(
     if max_samples is not None and max_samples < n_walkers:
         raise ValueError(f"max_samples must be >= n_walkers = {n_walkers}, got {max_samples}")
     thin = 1 if max_samples is None else max(1, math.ceil(n_run * n_walkers / max_samples))
+    if start is not None and tuple(start.shape) != (len(NAMES),):
+        raise ValueError(f"start must have shape ({len(NAMES)},), got {tuple(start.shape)}")
     fs = fitting_sequence(observation, config, sigma_scale=sigma_scale,
-                          use_source_marg=use_source_marg)  # fmt: skip
+                          use_source_marg=use_source_marg, start=start)  # fmt: skip
     solver = _AmplitudeSolver(observation, config)
     rng = rng if rng is not None else np.random.default_rng()
     with (
