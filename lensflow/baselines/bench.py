@@ -621,29 +621,27 @@ def _emcee_times(opt_s: float, step_s: float, n_burn: int, n_walkers: int, tau: 
 
 
 def _start_and_truth_log_posterior(
-    lens: BenchLens, sim_cfg: Any, theta: Tensor, dev: torch.device, sim: Any = None,  # noqa: ANN401
+    lens: BenchLens, sim: Any, theta: Tensor, dev: torch.device,  # noqa: ANN401
 ) -> tuple[float, float | None]:  # fmt: skip
-    """lensflow's float64 log posterior of an MCMC start ``(D,)`` and of the lens's truth
-    (``None`` without one), so a chain that started in another mode is visible."""
+    """lensflow's float64 log posterior (simulator ``sim``) of an MCMC start ``(D,)`` and of
+    the lens's truth (``None`` without one), so a chain that started in another mode is
+    visible."""
     from lensflow.baselines.mcmc import log_posterior
     from lensflow.prior import Prior
-    from lensflow.simulator import LensSimulator
 
-    obs = lens.observation
-    if sim is None:
-        sim = LensSimulator(sim_cfg, psf_kernel=obs.psf, dtype=torch.float64, device=dev)
     prior = Prior(dtype=torch.float64, device=dev)
     pts = [theta.to(dev, torch.float64)]
     if lens.truth is not None:
         pts.append(lens.truth.to(dev, torch.float64))
+    obs = lens.observation.to(torch.float64, dev)
     with torch.no_grad():
-        logp = log_posterior(torch.stack(pts), sim, obs.to(torch.float64, dev), prior)
+        logp = log_posterior(torch.stack(pts), sim, obs, prior)
     return float(logp[0]), float(logp[1]) if len(pts) > 1 else None
 
 
 def _run_lenstronomy(
     lens: BenchLens, cfg: BenchConfig, sim_cfg: Any, dev: torch.device, seed: int,  # noqa: ANN401
-    start: dict[str, Any], progress: bool,
+    start: dict[str, Any], progress: bool, sim: Any,  # noqa: ANN401
 ) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """lenstronomy's PSO + emcee on one lens, its PSO centred on the prior box, or on the
     shared optimizer result with ``cfg.lt_start_optimizer`` (its time then counts)."""
@@ -660,7 +658,7 @@ def _run_lenstronomy(
     d = r.diagnostics
     tau = float(d.tau.max())
     # Did the PSO find the truth's mode? lensflow's log posterior of its end point.
-    lp, lt = _start_and_truth_log_posterior(lens, sim_cfg, r.best_fit, dev)
+    lp, lt = _start_and_truth_log_posterior(lens, sim, r.best_fit, dev)
     where = ("PSO around optimize_posterior's result "
              f"({cfg.n_opt_starts} broad starts, not the truth or the flow)"
              if cfg.lt_start_optimizer else "PSO from the prior-box centre")  # fmt: skip
@@ -698,10 +696,10 @@ def _run_mcmc(
         start["time_s"] = time.perf_counter() - t0
         # Is the start in the truth's mode? A broad-start optimizer can end in another one.
         start["log_posterior"], start["truth_log_posterior"] = _start_and_truth_log_posterior(
-            lens, sim_cfg, start["theta"], dev, sim=sim
+            lens, sim, start["theta"], dev
         )
     if method == "lenstronomy":
-        return _run_lenstronomy(lens, cfg, sim_cfg, dev, seed, start, progress)
+        return _run_lenstronomy(lens, cfg, sim_cfg, dev, seed, start, progress, sim)
     init, opt_s = start["theta"], start["time_s"]
     where = (f"optimize_posterior ({cfg.n_opt_starts} broad starts, not the truth or the flow)"
              "; emcee walkers in a ball of 1e-3 prior widths around it")  # fmt: skip
