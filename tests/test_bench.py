@@ -7,6 +7,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,9 +106,63 @@ def test_bench_lenstronomy_record_says_whether_its_pso_found_the_truth_s_mode(be
     row = next(line for line in (tmp / "out" / "bench-tiny.md").read_text().splitlines()
                if line.startswith("| demo_00 | lenstronomy |"))  # fmt: skip
     assert ("start outside the prior box" if lp is None else "(another mode)") in row
+    md = (tmp / "out" / "bench-tiny.md").read_text()
+    assert "‡ The MCMC chain started in another mode" in md
     assert report._mode_note({"start_log_posterior": -math.inf, "truth_log_posterior": 1.0})
     assert report._mode_note({"start_log_posterior": 0.0, "truth_log_posterior": 5.0}) == ""
     assert report._mode_note({"method": "flow"}) == ""
+    # Such a chain is no reference: the speed goal against it is not judged.
+    speed = tree["summary"]["speedups"][0]
+    assert speed["vs_lenstronomy_off_mode"] is True and "vs_emcee" in speed
+    assert tree["summary"]["per_method"]["lenstronomy"]["n_off_mode"] == 1
+    goal = next(g for g in tree["summary"]["goals"]
+                if g["goal"].startswith("speed-up vs lenstronomy") and g["method"] == "flow+smc")  # fmt: skip
+    assert goal["met"] is None and "another mode than the truth's on 1 of 1" in goal["note"]
+
+
+def test_judge_goals_leaves_out_lenses_whose_mcmc_sat_in_another_mode():
+    """A reference chain in another mode than the truth's is no reference: its lenses drop
+    out of the speed-up median, and with all of them out (or emcee's off on any lens, for
+    the accuracy goals) the goal is not judged, with the reason in the note."""
+    per_method = {
+        "flow+feedback": {"n_lenses": 2, "mean_chi2_red_samples": 1.01, "mean_c2st_vs_emcee": 0.6},
+        "emcee": {"n_lenses": 2, "n_converged": 2, "mean_chi2_red_samples": 1.0, "n_off_mode": 0},
+        "lenstronomy": {"n_lenses": 2, "n_converged": 2, "n_off_mode": 1},
+    }
+    rows = [
+        {"lens": "a", "flow": "flow+feedback", "vs_emcee": 500.0, "vs_lenstronomy": 9e4,
+         "vs_lenstronomy_off_mode": True},
+        {"lens": "b", "flow": "flow+feedback", "vs_emcee": 50.0, "vs_lenstronomy": 1500.0},
+    ]  # fmt: skip
+    goals = {
+        g["goal"].split(" at ")[0].split(" (")[0]: g for g in bench.judge_goals(per_method, rows)
+    }
+    assert goals["speed-up vs emcee"]["measured"] == 275.0 and goals["speed-up vs emcee"]["met"]
+    lt = goals["speed-up vs lenstronomy"]
+    assert lt["measured"] == 1500.0 and lt["met"] is True  # lens a left out
+    assert "on 1 of 2 lenses: those lenses left out" in lt["note"]
+    assert goals["C2ST vs emcee"]["met"] is True and goals["C2ST vs emcee"]["note"] == ""
+    # Every lenstronomy chain off: measured, not judged.
+    rows[1]["vs_lenstronomy_off_mode"] = True
+    lt = {g["goal"]: g for g in bench.judge_goals(per_method, rows)}
+    lt = next(g for k, g in lt.items() if k.startswith("speed-up vs lenstronomy"))
+    assert lt["met"] is None and lt["measured"] == pytest.approx(np.median([9e4, 1500.0]))
+    assert "no reference, not judged" in lt["note"]
+    # emcee off on one lens: the accuracy goals against it are not judged.
+    per_method["emcee"]["n_off_mode"] = 1
+    for g in bench.judge_goals(per_method, rows):
+        if g["goal"].startswith(("mean reduced chi^2", "C2ST")):
+            assert g["met"] is None and "emcee's start was in another mode" in g["note"]
+            assert g["measured"] is not None
+    # The rule itself: 10 nats below the truth or more, or outside the box.
+    assert bench.start_mode_problem({"start_log_posterior": -12.0, "truth_log_posterior": -2.0})
+    assert not bench.start_mode_problem(
+        {"start_log_posterior": -11.9, "truth_log_posterior": -2.0}
+    )
+    assert not bench.start_mode_problem(
+        {"start_log_posterior": -50.0, "truth_log_posterior": None}
+    )
+    assert bench.start_mode_problem({"start_log_posterior": None}) == "start outside the prior box"
 
 
 def test_bench_lenstronomy_can_start_its_pso_at_the_optimizer(tmp_path):
