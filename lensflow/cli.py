@@ -57,6 +57,24 @@ def _add_compile_arg(p: argparse.ArgumentParser) -> None:
                    "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
 
 
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads`` of the commands that compute in this process."""
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads of this process (default: torch's, about one per "
+                   "core; with --workers, each Dask worker runs one)")  # fmt: skip
+
+
+def _set_threads(n: int | None) -> None:
+    """Apply ``--threads`` (``None``: leave torch's default)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     """The ODE sampler's arguments of the commands that sample (sample, fit, catalog)."""
     from lensflow.solvers import SOLVERS
@@ -552,9 +570,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from lensflow.catalog import read_catalog
     from lensflow.config import run_provenance
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
     cfg = bench.BENCH_CONFIGS[args.config]
     changes = {} if args.methods is None else {"methods": bench.parse_methods(args.methods)}
     if args.n_lenses is not None:
@@ -694,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock budget in seconds (TrainConfig.time_limit_s): the cosine "
                    "decays over whichever of steps and time runs out first")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    _add_threads_arg(p)
     p.add_argument("--normalize-flux", action="store_true",
                    help="train in flux units normalized to each image's background noise "
                    "(DataConfig.normalize_flux): the model is then independent of a cutout's "
@@ -725,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulator feedback: auto (gradient if its control net exists, else "
                    "learned, else none; the default), gradient, learned or none")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
+    _add_threads_arg(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_normalize_flux_arg(p)
     p.set_defaults(func=_cmd_sample)
@@ -769,6 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a kind beside the model, a shipped name such as hst-gradient, or a "
                    "path); the learning rate restarts its cosine from --lr")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    _add_threads_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_finetune)
 
@@ -797,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the base noise")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    _add_threads_arg(p)
     p.add_argument("--fallback", default="none", choices=["none", "mcmc", "smc"],
                    help="re-run a lens flagged unreliable on the same likelihood, started "
                    "from the flow posterior: mcmc (emcee) or smc (tempered SMC; "
@@ -881,6 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'local' (a LocalCluster of --workers processes) or a Dask scheduler "
                    "address, e.g. tcp://host:8786")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    _add_threads_arg(p)
     p.add_argument("--fallback", default="none", choices=["none", "mcmc", "smc"],
                    help="re-run lenses flagged unreliable on the same likelihood, started from "
                    "the flow posterior: mcmc (emcee) or smc (tempered SMC) (default: none)")  # fmt: skip
@@ -956,6 +976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("ignore", DeprecationWarning)
             # Repairs (a PSF normalized, sentinel pixels masked) are one line each for users.
             warnings.showwarning = _show_warning
+            _set_threads(getattr(args, "threads", None))
             return args.func(args)
     except (ValueError, OSError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

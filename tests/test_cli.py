@@ -201,3 +201,25 @@ def test_inspect_missing_pixel_scale_is_one_line_error(real_lenses, capsys):
                  "--psf", str(d / "psf.fits")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "pixel scale" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "finetune", "fit", "catalog"])
+def test_threads_option_sets_torch_threads_or_is_a_one_line_error(command, tmp_path, capsys):
+    """--threads N is applied before the command runs (each then stops on a missing input
+    here); N < 1 is a one-line error."""
+    out = ["--out", str(tmp_path / "out")]
+    argv = {"train": ["--config", str(tmp_path / "missing.toml"), *out],
+            "sample": [str(tmp_path / "missing.fits"), "--model", "euclid", *out],
+            "finetune": ["--model", str(tmp_path / "missing"), "--signal", "gradient", *out],
+            "fit": [str(tmp_path / "missing.fits"), *out],
+            "catalog": [str(tmp_path / "missing.ecsv"), *out]}[command]  # fmt: skip
+    threads = torch.get_num_threads()
+    want = 1 if threads > 1 else 2
+    try:
+        assert main([command, *argv, "--threads", "0"]) == 2
+        assert capsys.readouterr().err == "lensflow: error: --threads must be >= 1, got 0\n"
+        assert main([command, *argv, "--threads", str(want)]) == 2
+        assert "missing" in capsys.readouterr().err
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(threads)
