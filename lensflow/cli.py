@@ -57,11 +57,12 @@ def _add_compile_arg(p: argparse.ArgumentParser) -> None:
                    "2-3x faster on a GPU (docs/benchmarks.md)")  # fmt: skip
 
 
-def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+def _add_threads_arg(p: argparse.ArgumentParser, workers: bool = False) -> None:
     """``--threads`` of the commands that compute in this process."""
+    more = "; with --workers > 1, each Dask worker runs one" if workers else ""
     p.add_argument("--threads", type=int, metavar="N",
-                   help="torch CPU threads of this process (default: torch's, about one per "
-                   "core; with --workers, each Dask worker runs one)")  # fmt: skip
+                   help=f"torch CPU threads of this process (default: torch's, about one per "
+                   f"core{more})")  # fmt: skip
 
 
 def _set_threads(n: int | None) -> None:
@@ -900,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'local' (a LocalCluster of --workers processes) or a Dask scheduler "
                    "address, e.g. tcp://host:8786")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    _add_threads_arg(p)
+    _add_threads_arg(p, workers=True)
     p.add_argument("--fallback", default="none", choices=["none", "mcmc", "smc"],
                    help="re-run lenses flagged unreliable on the same likelihood, started from "
                    "the flow posterior: mcmc (emcee) or smc (tempered SMC) (default: none)")  # fmt: skip
