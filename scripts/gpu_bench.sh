@@ -9,7 +9,10 @@
 #     STAGE=feedback OUT=runs/gpu_bench bash scripts/gpu_bench.sh
 #
 # Options (environment):
-#     LENS=demo_01   the demo lens of the mcmc stage
+#     LENS=demo_01   the demo lens(es) of the mcmc stage; a comma list (demo_02,demo_03,...)
+#                    runs one emcee process and one lenstronomy process per lens at the
+#                    same time (the GPU is shared: emcee's 64-walker steps leave it mostly
+#                    idle), the flows in one process over all of them
 #     SET=...        lensflow bench --set sizes of the mcmc stage (default below: emcee
 #                    1,000 burn-in + up to 30,000 steps, cut by emcee_max_wall_s=EMCEE_WALL
 #                    seconds (69 tau at demo_01's tau of 435 if it runs to the end);
@@ -18,6 +21,8 @@
 #                    stage gets the same SET; a stored run's key holds only its own
 #                    method's sizes, so a later merge passes the union of the SETs.
 #     EMCEE_WALL=280 wall-time limit of the emcee chain (burn-in plus sampling), seconds
+#     EMCEE_THREADS=4  torch threads of each emcee process (with several lenses, keep
+#                    lenses x threads within the host's cores)
 #     FLOWS="flow,flow+feedback,flow+smc"   the flow methods of the mcmc stage
 #     MCMC_S=440     time limit of the lenstronomy run (in parallel with the rest), seconds;
 #                    0 skips lenstronomy (its 50-tau chain takes 1-1.5 h of a host core per
@@ -78,10 +83,13 @@ if [ "$STAGE" = mcmc ]; then
     fi
     LT=
     if [ "$MCMC_S" -gt 0 ]; then
-        log "lenstronomy on one host core, in the background"
-        timeout "$MCMC_S" $B --methods lenstronomy --device cpu --threads 1 --out "$OUT/bench" \
-            >"$OUT/bench-lenstronomy.log" 2>&1 &
-        LT=$!
+        for L in ${LENS//,/ }; do
+            log "lenstronomy on $L, one host core, in the background"
+            timeout "$MCMC_S" python -m lensflow.cli bench --config full --lenses "$L" \
+                --set "$SET" --methods lenstronomy --device cpu --threads 1 \
+                --out "$OUT/bench" >"$OUT/bench-lenstronomy-$L.log" 2>&1 &
+            LT="$LT $!"
+        done
     fi
     log "$FLOWS on $DEVICE"
     timeout "$FLOWS_S" $B --methods "$FLOWS" --device "$DEVICE" --threads 4 --quiet \
@@ -91,14 +99,22 @@ if [ "$STAGE" = mcmc ]; then
         cap=$((DEADLINE_S - MERGE_S - 20 - SECONDS))
         EMCEE_S=$((EMCEE_S < cap ? EMCEE_S : cap))
     fi
-    log "emcee on $DEVICE (limit $EMCEE_S s)"
-    timeout "$EMCEE_S" $B --methods emcee --device "$DEVICE" --threads 4 --out "$OUT/bench" \
-        >"$OUT/bench-emcee.log" 2>&1
-    log "emcee rc $?"
-    if [ -n "$LT" ]; then
-        wait "$LT"
-        log "lenstronomy rc $?"
-    fi
+    EM=
+    for L in ${LENS//,/ }; do
+        log "emcee on $L, $DEVICE (limit $EMCEE_S s)"
+        timeout "$EMCEE_S" python -m lensflow.cli bench --config full --lenses "$L" \
+            --set "$SET" --methods emcee --device "$DEVICE" --threads "${EMCEE_THREADS:-4}" \
+            --out "$OUT/bench" >"$OUT/bench-emcee-$L.log" 2>&1 &
+        EM="$EM $!"
+    done
+    for pid in $EM; do
+        wait "$pid"
+        log "emcee process $pid rc $?"
+    done
+    for pid in $LT; do
+        wait "$pid"
+        log "lenstronomy process $pid rc $?"
+    done
     # Merge the finished runs (--resume reuses them); C2ST, coverage and report recomputed.
     DONE=$(python -c "import json, pathlib, sys
 print(','.join(json.loads(p.read_text())['method'] for p in
@@ -111,6 +127,9 @@ print(','.join(json.loads(p.read_text())['method'] for p in
     fi
     # One archive (runs, report, figures): the device tool returns only a few files.
     tar czf "$OUT/bench-runs.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+    for f in "$OUT"/bench-emcee-*.log; do  # steps per second of each chain, for the docs
+        [ -f "$f" ] && echo "$f: $(tr '\r' '\n' <"$f" | grep -E 'it/s|s/it' | tail -n 1)"
+    done
     tail -n 3 "$OUT"/bench-*.log
 fi
 
