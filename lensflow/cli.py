@@ -280,7 +280,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     from lensflow.checkpoint import load_control, load_model, save_control
     from lensflow.config import run_provenance
-    from lensflow.feedback import FinetuneConfig, finetune_lens
+    from lensflow.feedback import FinetuneConfig, finetune_lens, split_steps
 
     if args.steps < 1 or args.batch_size < 1 or not 0 <= args.t_start < 1:
         raise ValueError(
@@ -289,6 +289,19 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         )
     if args.time_limit is not None and not args.time_limit > 0:
         raise ValueError(f"--time-limit {args.time_limit} must be > 0 seconds")
+    # The shipped nets' samplers (docs/feedback.md): the gradient nets were measured with a
+    # midpoint base segment, the learned ones with Euler 40.
+    shipped = (20, 8, "midpoint") if args.signal == "gradient" else (40, None, None)
+    if args.n_steps_sample is None:
+        args.n_steps_sample = shipped[0]
+        if args.control_steps_sample is None:
+            args.control_steps_sample = shipped[1]
+    if args.base_solver is None and args.solver == "euler":
+        args.base_solver = shipped[2]
+    try:  # the stored sampler is checked now, not when a user first samples with it
+        split_steps(args.n_steps_sample, args.t_start, args.control_steps_sample)
+    except ValueError as err:
+        raise ValueError(f"--n-steps-sample / --control-steps-sample: {err}") from None
     if (args.width is not None and args.width < 1) or (
         args.blocks is not None and args.blocks < 1
     ):
@@ -323,7 +336,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                        "device": before.get("device")}  # fmt: skip
     cfg = FinetuneConfig(n_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          t_start=args.t_start, n_steps_sample=args.n_steps_sample,
-                         solver=args.solver, time_limit_s=args.time_limit)  # fmt: skip
+                         solver=args.solver, control_steps_sample=args.control_steps_sample,
+                         base_solver_sample=args.base_solver,
+                         time_limit_s=args.time_limit)  # fmt: skip
     if args.width is not None:
         cfg = dataclasses.replace(cfg, width=args.width)
     if args.blocks is not None:
@@ -653,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lensflow`` command (exposed for the docs and tests)."""
     from lensflow import __version__
     from lensflow.config import PRESETS
+    from lensflow.solvers import SOLVERS
 
     parser = argparse.ArgumentParser(
         prog="lensflow",
@@ -766,10 +782,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t-start", type=float, default=0.8,
                    help="control acts for t > t_start (default: 0.8)")  # fmt: skip
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    p.add_argument("--n-steps-sample", type=int, default=40,
-                   help="default sampler steps stored with the control (default: 40, "
-                   "chosen by the sampler sweep in docs/feedback.md)")  # fmt: skip
-    p.add_argument("--solver", default="euler", help="default sampler solver (default: euler)")
+    p.add_argument("--n-steps-sample", type=int,
+                   help="default sampler steps stored with the control; the defaults of "
+                   "these four options are the shipped nets' samplers (docs/feedback.md): "
+                   "gradient 20 (16 midpoint base steps, 8 Euler steps with feedback), "
+                   "learned and zero 40 (Euler, 8 of them with feedback)")  # fmt: skip
+    p.add_argument("--solver", default="euler", choices=sorted(SOLVERS),
+                   help="default sampler solver with feedback (default: euler)")  # fmt: skip
+    p.add_argument("--control-steps-sample", type=int, metavar="K",
+                   help="default sampler steps on [t_start, 1], one simulator call each "
+                   "(default: gradient 8, else the share of --n-steps-sample)")  # fmt: skip
+    p.add_argument("--base-solver", choices=sorted(SOLVERS),
+                   help="default sampler solver on [0, t_start], network only (default: "
+                   "gradient midpoint, else --solver)")  # fmt: skip
     p.add_argument("--status", help="status label (default: provisional: CPU-trained on CPU)")
     p.add_argument("--mask-probability", type=float, default=None, metavar="P",
                    help="fraction of training lenses with random likelihood masks "

@@ -1055,6 +1055,10 @@ class FinetuneConfig:
         time_dim: Control net time-embedding size.
         n_steps_sample: Default solver steps of the returned posterior.
         solver: Default solver of the returned posterior.
+        control_steps_sample: Default steps of the returned posterior on ``[t_start, 1]``
+            (``None``: the share of ``n_steps_sample``; see ``split_steps``).
+        base_solver_sample: Default solver of the returned posterior on ``[0, t_start]``
+            (``None``: ``solver``).
         chunk_size: Rows per signal evaluation in sampling.
         time_limit_s: Optional wall-clock budget in seconds: the cosine then follows
             whichever of the step and time fractions is further along, and training stops
@@ -1074,6 +1078,8 @@ class FinetuneConfig:
     time_dim: int = 32
     n_steps_sample: int = 200
     solver: str = "euler"
+    control_steps_sample: int | None = None
+    base_solver_sample: str | None = None
     chunk_size: int = 4096
     time_limit_s: float | None = None
 
@@ -1167,6 +1173,7 @@ def finetune(
     model = ControlledPosterior(
         copy.deepcopy(posterior), control, signal, t_start=cfg.t_start,
         n_steps=cfg.n_steps_sample, solver=cfg.solver, chunk_size=cfg.chunk_size,
+        control_steps=cfg.control_steps_sample, base_solver=cfg.base_solver_sample,
     )  # fmt: skip
     ref = next(posterior.field.parameters())
     model.control.to(device=ref.device, dtype=ref.dtype)

@@ -3,12 +3,14 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from astropy.table import Table
 
+import lensflow
 from lensflow.checkpoint import TrainedPosterior, build_posterior, load_model
 from lensflow.cli import main
 from lensflow.config import DataConfig, FlowConfig, SimulatorConfig, TrainConfig
@@ -370,6 +372,11 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     assert meta["training"]["data_config"]["mask_probability"] == 0.5
     assert meta["training"]["steps"] == 2 and meta["status"] == "provisional: CPU-trained"
     assert meta["n_parameters"] > 0 and meta["base"] == str((run / "model.json").resolve())
+    # A new net stores the shipped nets' sampler of its signal (learned: Euler 40).
+    models = Path(lensflow.__file__).parent / "models"
+    sampler = ("n_steps", "solver", "control_steps", "base_solver")
+    shipped = json.loads((models / "euclid-learned.json").read_text())
+    assert {k: meta.get(k) for k in sampler} == {k: shipped.get(k) for k in sampler}
     assert main(["sample", str(fits_path), "--model", str(run), "-n", "5", "--out",
                  str(out)]) == 0  # fmt: skip
     assert "feedback: learned feedback" in capsys.readouterr().out
@@ -403,6 +410,9 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
                  "--mask-probability", "1.5"]) == 2  # fmt: skip
     assert "--mask-probability 1.5 must be in [0, 1]" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(run),
+                 "--control-steps-sample", "0"]) == 2  # fmt: skip
+    assert "--control-steps-sample" in capsys.readouterr().err
     # --width/--blocks shape a new net; an --init net keeps its own shape.
     wide = tmp_path / "wide"
     assert main(["finetune", "--model", str(run), "--signal", "gradient", "--out", str(wide),
@@ -411,6 +421,10 @@ def test_cli_sample_with_feedback_and_finetune(fb_model, tmp_path, capsys):
     capsys.readouterr()
     meta = json.loads((wide / "model-gradient.json").read_text())
     assert meta["width"] == 24 and meta["finetune"]["n_blocks"] == 3
+    # gradient: midpoint base segment, 8 feedback steps, as the shipped gradient nets.
+    shipped = json.loads((models / "euclid-gradient.json").read_text())
+    assert {k: meta[k] for k in sampler} == {k: shipped[k] for k in sampler}
+    assert (meta["n_steps"], meta["control_steps"], meta["base_solver"]) == (20, 8, "midpoint")
     assert main(["finetune", "--model", str(run), "--signal", "learned", "--out", str(cont),
                  "--init", "learned", "--width", "24"]) == 2  # fmt: skip
     assert "has --width 128, not 24" in capsys.readouterr().err
