@@ -1164,7 +1164,10 @@ def judge_goals(
 
     The flow variant judged is ``flow+feedback`` when it ran, else ``flow`` (noted); when
     ``flow+smc`` ran, the same goals are judged for it too (rows after the first set), as
-    the per-lens refinement a user can add.
+    the per-lens refinement a user can add. A reference chain whose start sat in another mode
+    than the truth's (``start_mode_problem``) is no reference: its lenses drop out of the
+    speed-up median (the goal is not judged when every lens drops out), and an emcee chain
+    off on any lens leaves the chi^2 and C2ST goals unjudged.
 
     Args:
         per_method: ``summary["per_method"]`` of a report (method -> means and coverage).
