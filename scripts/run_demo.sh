@@ -21,7 +21,7 @@ lensflow corner "$OUT/catalog/lenses/demo_03" --truths catalogs/demo_truth.ecsv 
 REAL="$ROOT/../shared/data/real_lenses/EuclidQ1_102018665_NEG570040238507752998"
 if [ -d "$REAL" ]; then
     echo ">> lensflow fit: a real Euclid Q1 lens (VIS; reference theta_E 0.849\" from PyAutoLens)"
-    echo "   the flow is flagged on it, so --fallback smc re-runs it with tempered SMC (~10 min on one core)"
+    echo "   the flow is flagged on it, so --fallback smc re-runs it with tempered SMC (6-9 min on one free core)"
     lensflow fit "$REAL/102018665_NEG570040238507752998.fits" --band VIS -n 500 \
         --fallback smc --out "$OUT/real_NEG570040238507752998"
 fi
