@@ -154,6 +154,12 @@ def test_judge_goals_leaves_out_lenses_whose_mcmc_sat_in_another_mode():
         if g["goal"].startswith(("mean reduced chi^2", "C2ST")):
             assert g["met"] is None and "emcee's start was in another mode" in g["note"]
             assert g["measured"] is not None
+    # No emcee run: the accuracy goals say so, not "not converged".
+    del per_method["emcee"]
+    per_method["flow+feedback"]["mean_c2st_vs_emcee"] = None
+    for g in bench.judge_goals(per_method, rows):
+        if g["goal"].startswith(("mean reduced chi^2", "C2ST")):
+            assert g["met"] is None and g["note"] == "emcee not run"
     # The rule itself: 10 nats below the truth or more, or outside the box.
     assert bench.start_mode_problem({"start_log_posterior": -12.0, "truth_log_posterior": -2.0})
     assert not bench.start_mode_problem(

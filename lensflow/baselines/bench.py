@@ -1239,14 +1239,15 @@ def _judge(
                 f"{em.get('n_lenses')} lenses: no reference, not judged") if n_off else ""  # fmt: skip
     c_f, c_e = fm.get("mean_chi2_red_samples"), em.get("mean_chi2_red_samples")
     rel = None if c_f is None or c_e is None else c_f / c_e - 1
-    why = "; ".join(w for w in ("" if emcee_conv else "emcee not converged (capped chain)",
-                                off_note) if w)  # fmt: skip
+    # Without an emcee run there is nothing to compare with (not a convergence problem).
+    not_conv = "emcee not run" if not em else "emcee not converged (capped chain)"
+    why = "; ".join(w for w in ("" if emcee_conv else not_conv, off_note) if w)
     add("mean reduced chi^2: flow / emcee - 1", f"within +/-{GOALS['chi2_rel_diff_max']:.0%}",
         rel, None if rel is None or n_off else abs(rel) <= GOALS["chi2_rel_diff_max"],
         why)  # fmt: skip
     c2 = fm.get("mean_c2st_vs_emcee")
-    why = "; ".join(w for w in ("" if emcee_conv else "emcee reference not converged",
-                                off_note) if w)  # fmt: skip
+    not_conv = "emcee not run" if not em else "emcee reference not converged"
+    why = "; ".join(w for w in ("" if emcee_conv else not_conv, off_note) if w)
     add("C2ST vs emcee (mean over lenses)", f"<= {GOALS['c2st_max']:g}", c2,
         None if c2 is None or n_off else c2 <= GOALS["c2st_max"], why)  # fmt: skip
     cov = fm.get("coverage")
