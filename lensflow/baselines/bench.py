@@ -48,6 +48,7 @@ __all__ = [
     "BenchReport",
     "config_overrides",
     "default_catalog",
+    "flag_off_mode",
     "hardware",
     "judge_goals",
     "load_demo_lenses",
@@ -1118,8 +1119,6 @@ def _summarize(
         }
         if "converged" in ok[0]:
             entry["n_converged"] = sum(bool(r["converged"]) for r in ok)
-        if any("start_log_posterior" in r for r in ok):
-            entry["n_off_mode"] = sum(bool(start_mode_problem(r)) for r in ok)
         with_truth = [r["lens"] for r in ok if r["lens"] in truths]
         if with_truth:
             stacked = stack_samples(samples, with_truth, m, cfg.n_coverage_samples)
@@ -1149,12 +1148,33 @@ def _summarize(
                     here, there = by[f].get("timed_on"), by[ref].get("timed_on")
                     if here != there:
                         row[f"vs_{ref}_timed_on"] = [here, there]
-                    # A chain in another mode than the truth's is no reference.
-                    if start_mode_problem(by[ref]):
-                        row[f"vs_{ref}_off_mode"] = True
             speedups.append(row)
+    flag_off_mode(per_method, speedups, records)
     goals = judge_goals(per_method, speedups)
     return {"per_method": per_method, "speedups": speedups, "goals": goals}
+
+
+def flag_off_mode(
+    per_method: dict[str, Any], speedups: Sequence[dict[str, Any]],
+    records: Sequence[dict[str, Any]],
+) -> None:  # fmt: skip
+    """Mark, in place, the MCMC chains whose start sat in another mode (``start_mode_problem``):
+    ``per_method[m]["n_off_mode"]`` and ``vs_<ref>_off_mode`` on each speed-up row against one.
+
+    Args:
+        per_method: ``summary["per_method"]``.
+        speedups: ``summary["speedups"]``.
+        records: The report's records (only ``status == "ok"`` ones count).
+    """
+    ok = {(r["lens"], r["method"]): r for r in records if r.get("status") == "ok"}
+    for m, entry in per_method.items():
+        mine = [r for (_, m_), r in ok.items() if m_ == m and "start_log_posterior" in r]
+        if mine:
+            entry["n_off_mode"] = sum(bool(start_mode_problem(r)) for r in mine)
+    for row in speedups:
+        for ref in ("emcee", "nuts", "lenstronomy"):
+            if f"vs_{ref}" in row and start_mode_problem(ok.get((row["lens"], ref), {})):
+                row[f"vs_{ref}_off_mode"] = True
 
 
 def judge_goals(

@@ -37,6 +37,7 @@ from lensflow.baselines.bench import (
     METHODS,
     BenchConfig,
     BenchReport,
+    flag_off_mode,
     judge_goals,
     stack_samples,
     start_mode_problem,
@@ -77,15 +78,7 @@ def load_report(path: str | Path) -> BenchReport:
                          for k, v in tree["config"].items() if k in fields})  # fmt: skip
     summary = dict(tree["summary"])
     # Files written before the mode flags existed: derive them from the records.
-    ok = {(r["lens"], r["method"]): r for r in tree["records"] if r.get("status") == "ok"}
-    for m, entry in summary["per_method"].items():
-        mine = [r for (_, m_), r in ok.items() if m_ == m and "start_log_posterior" in r]
-        if mine:
-            entry.setdefault("n_off_mode", sum(bool(start_mode_problem(r)) for r in mine))
-    for row in summary["speedups"]:
-        for ref in ("emcee", "nuts", "lenstronomy"):
-            if f"vs_{ref}" in row and start_mode_problem(ok.get((row["lens"], ref), {})):
-                row[f"vs_{ref}_off_mode"] = True
+    flag_off_mode(summary["per_method"], summary["speedups"], tree["records"])
     summary["goals"] = judge_goals(summary["per_method"], summary["speedups"])
     return BenchReport(cfg, tuple(tree["records"]), summary, tree["hardware"],
                        tuple(tree["notes"]))  # fmt: skip
