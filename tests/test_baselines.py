@@ -17,6 +17,7 @@ pytest.importorskip("lenstronomy")
 pytest.importorskip("emcee")
 
 from lensflow.baselines.lenstronomy import (
+    fit_data,
     fitting_sequence,
     likelihood_mask,
     psf_pad_pix,
@@ -505,13 +506,46 @@ def test_likelihood_mask_drops_the_psf_border(mock):
     assert mask.sum() == (CONFIG.n_pix - 2 * pad) ** 2
 
 
+def test_fit_data_pads_the_grid_with_masked_pixels(mock):
+    """border="pad": the data sit centred in a grid padded by the PSF's half-width, whose
+    extra pixels are masked; every observed pixel (and only those) is used."""
+    obs, _ = mock
+    obs = dataclasses.replace(obs, mask=obs.mask.clone())
+    obs.mask[2:4, 5:9] = False  # a masked blob, as on a real cutout
+    pad = psf_pad_pix(CONFIG, psf_kernel=obs.psf)
+    kwargs_data, mask = fit_data(obs, CONFIG)
+    n = CONFIG.n_pix + 2 * pad
+    assert mask.shape == kwargs_data["image_data"].shape == kwargs_data["noise_map"].shape
+    assert mask.shape == (n, n) and mask.sum() == int(obs.mask.sum())
+    inner = (slice(pad, -pad), slice(pad, -pad))
+    np.testing.assert_array_equal(mask[inner], obs.mask.numpy().astype(int))
+    np.testing.assert_array_equal(kwargs_data["image_data"][inner], obs.image.numpy())
+    np.testing.assert_array_equal(kwargs_data["noise_map"][inner], obs.sigma.numpy())
+    assert (kwargs_data["noise_map"] > 0).all()
+    # Same pixel centres: the padded grid's pixel (pad, pad) is the data's pixel (0, 0).
+    plain, _ = fit_data(obs, CONFIG, "mask")
+    scale = CONFIG.pixel_scale_arcsec
+    assert kwargs_data["ra_at_xy_0"] + pad * scale == pytest.approx(plain["ra_at_xy_0"])
+    assert kwargs_data["dec_at_xy_0"] + pad * scale == pytest.approx(plain["dec_at_xy_0"])
+    np.testing.assert_array_equal(fit_data(obs, CONFIG, "mask")[1],
+                                  likelihood_mask(obs, CONFIG))  # fmt: skip
+    for call in (lambda: fit_data(obs, CONFIG, "crop"),
+                 lambda: run_lenstronomy(obs, CONFIG, border="crop")):  # fmt: skip
+        with pytest.raises(ValueError, match="border must be one of pad, mask, got 'crop'"):
+            call()
+
+
 @pytest.mark.parity
-def test_lenstronomy_likelihood_at_truth_equals_lensflow_likelihood(mock):
+@pytest.mark.parametrize("border", ["pad", "mask"])
+def test_lenstronomy_likelihood_at_truth_equals_lensflow_likelihood(mock, border):
     # The FittingSequence's likelihood (noise map, PSF, mask, supersampling as configured)
     # at the true non-linear parameters is -chi2/2 at lenstronomy's solved amplitudes;
-    # lensflow's chi2 with those amplitudes, on the same edge-masked pixels, must agree.
+    # lensflow's chi2 with those amplitudes must agree: on every observed pixel (a masked
+    # blob included) with border="pad", on the edge-masked ones with border="mask".
     obs, theta = mock
-    fs = fitting_sequence(obs, CONFIG)
+    obs = dataclasses.replace(obs, mask=obs.mask.clone())
+    obs.mask[2:4, 5:9] = False
+    fs = fitting_sequence(obs, CONFIG, border=border)
     kw = to_lenstronomy(theta)
     lists = {"kwargs_lens": kw.kwargs_lens, "kwargs_source": kw.kwargs_source,
              "kwargs_lens_light": kw.kwargs_lens_light}  # fmt: skip
@@ -520,7 +554,7 @@ def test_lenstronomy_likelihood_at_truth_equals_lensflow_likelihood(mock):
     theta_solved = theta.clone()
     theta_solved[index("source_amp")] = float(amplitudes[0])
     theta_solved[index("lens_light_amp")] = float(amplitudes[1])
-    mask = torch.from_numpy(likelihood_mask(obs, CONFIG).astype(bool))
+    mask = obs.mask if border == "pad" else torch.from_numpy(likelihood_mask(obs, CONFIG) > 0)
     sim = LensSimulator(CONFIG, dtype=F64)
     chi2_lensflow = chi2(sim(theta_solved), obs.image, obs.sigma, mask)
     # Image parity is <= 5e-6 of peak (tests/test_parity.py); at S/N ~ 100 per pixel that

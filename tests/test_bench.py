@@ -96,6 +96,7 @@ def test_bench_lenstronomy_record_says_whether_its_pso_found_the_truth_s_mode(be
     tmp, _, tree = bench_run
     r = _record(tree, "lenstronomy")
     assert r["status"] == "ok" and r["start"] == "PSO from the prior-box centre"
+    assert r["likelihood_border"] == "pad" and r["run_key"]["lt_border"] == "pad"
     assert (r["n_walkers"], r["n_burn"], r["n_steps"]) == (38, 0, 4) and not r["converged"]
     for key in ("truth_log_posterior", "init_time_s", "wall_time_s"):
         assert math.isfinite(r[key]), key
@@ -399,6 +400,19 @@ def test_run_key_keeps_only_the_method_s_sizes_and_old_keys_still_match(tmp_path
                            "emcee") is None  # fmt: skip
     (folder / "record.json").write_text('{"run_key": [1]}')  # damaged: run again
     assert bench._load_run(folder, key, "emcee") is None
+    # A lenstronomy run stored before the padded likelihood dropped the PSF border: it is
+    # reused only by a run that asks for that (--set lt_mask_border=1).
+    folder = tmp_path / "lenstronomy"
+    old_key = {"config": "full", "model": "euclid", "seed": 3}
+    bench._save_run(folder, {"lens": "x", "method": "lenstronomy", "run_key": old_key}, post)
+    pad_key = bench.run_key("full", "euclid", 3, "lenstronomy", {})
+    mask_key = bench.run_key("full", "euclid", 3, "lenstronomy", {"lt_mask_border": 1})
+    assert pad_key["lt_border"] == "pad" and mask_key["lt_border"] == "mask"
+    assert bench._load_run(folder, pad_key, "lenstronomy") is None
+    assert bench._load_run(folder, mask_key, "lenstronomy") is not None
+    bench._save_run(folder, {"lens": "x", "method": "lenstronomy", "run_key": pad_key}, post)
+    assert bench._load_run(folder, pad_key, "lenstronomy") is not None
+    assert bench._load_run(folder, mask_key, "lenstronomy") is None
 
 
 def test_bench_resume_reuses_stored_runs_and_lenses_keep_their_seed(tmp_path, capsys):

@@ -155,6 +155,11 @@ class BenchConfig:
         lt_start_optimizer: 1: centre lenstronomy's PSO on ``optimize_posterior``'s result
             (the start emcee and NUTS share; its time is added to lenstronomy's); 0: on the
             prior-box centre, as before (on demo_01 that PSO ends in another mode).
+        lt_mask_border: 1: lenstronomy's likelihood drops a PSF-wide border of the image
+            (``run_lenstronomy(border="mask")``, the behaviour of runs stored before
+            2026-11-27); 0: the data grid is padded with masked pixels and every observed
+            pixel is used (``border="pad"``), so lenstronomy samples the same posterior as
+            emcee and NUTS.
         smc_particles: Particles of ``flow+smc`` (``baselines.smc.run_smc``).
         c2st_samples: Samples per side of each C2ST (evenly spaced subsets).
         c2st_max_iter: Classifier epochs at most.
@@ -187,6 +192,7 @@ class BenchConfig:
     lt_burn: int = 100
     lt_steps: int = 200
     lt_start_optimizer: int = 0
+    lt_mask_border: int = 0
     smc_particles: int = 2000
     c2st_samples: int = 2000
     c2st_max_iter: int = 1000
@@ -310,6 +316,7 @@ _RUN_FIELDS: dict[str, tuple[str, ...]] = {
         "lt_burn",
         "lt_steps",
         "lt_start_optimizer",
+        "lt_mask_border",
     ),
 }
 _RUN_COMMON = ("n_chi2_samples", "n_kept_samples")
@@ -324,7 +331,9 @@ def run_key(
 
     Only the overrides of fields that shape ``method``'s run enter it, so runs made in
     separate processes with different ``--set`` sizes for the other methods (an emcee chain
-    on a GPU lease, a lenstronomy chain on a CPU) still merge.
+    on a GPU lease, a lenstronomy chain on a CPU) still merge. A lenstronomy key also
+    names its likelihood's border (``"lt_border"``: ``"pad"``, or ``"mask"`` with
+    ``lt_mask_border=1``); runs stored before it existed count as ``"mask"``.
 
     Args:
         config: The config name.
@@ -334,7 +343,8 @@ def run_key(
         overrides: ``config_overrides`` of the run (all methods).
 
     Returns:
-        ``{"config", "model", "seed"}`` plus ``"overrides"`` when any relevant one is set.
+        ``{"config", "model", "seed"}`` plus ``"overrides"`` when any relevant one is set,
+        plus ``"lt_border"`` for lenstronomy.
 
     Example:
         >>> run_key("full", "euclid", 1, "emcee", {"emcee_steps": 9, "lt_steps": 5})
@@ -345,6 +355,8 @@ def run_key(
     own = {k: v for k, v in overrides.items() if k in fields}
     if own:
         key["overrides"] = own
+    if method == "lenstronomy":
+        key["lt_border"] = "mask" if overrides.get("lt_mask_border") else "pad"
     return key
 
 
@@ -682,6 +694,7 @@ def _run_lenstronomy(
                         n_iterations=cfg.lt_iterations, n_walkers=cfg.lt_walkers,
                         n_run=cfg.lt_steps, n_burn=cfg.lt_burn, use_progress=progress,
                         max_samples=cfg.n_kept_samples, start=centre,
+                        border="mask" if cfg.lt_mask_border else "pad",
                         rng=np.random.default_rng(seed))  # fmt: skip
     d = r.diagnostics
     tau = float(d.tau.max())
@@ -694,6 +707,7 @@ def _run_lenstronomy(
         "start": where,
         "start_log_posterior": lp,
         "truth_log_posterior": lt,
+        "likelihood_border": "mask" if cfg.lt_mask_border else "pad",
         "init_time_s": opt_s + r.pso_wall_time_s,
         "wall_time_s": opt_s + r.pso_wall_time_s + d.wall_time_s,
         **_chain_record(d, NAMES),
@@ -917,6 +931,8 @@ def _load_run(folder: Path, key: dict[str, Any], method: str) -> tuple[Any, dict
         stored = record.get("run_key") or {}
         narrowed = run_key(stored["config"], stored["model"], stored["seed"], method,
                            stored.get("overrides", {}))  # fmt: skip
+        if method == "lenstronomy":  # stored before the padded likelihood: border masked
+            narrowed["lt_border"] = stored.get("lt_border", "mask")
         if narrowed != key:
             return None
         samples, _ = read_samples(folder / "samples.fits")

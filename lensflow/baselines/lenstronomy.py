@@ -32,9 +32,12 @@ Conventions (measured and pinned by tests/test_parity.py):
 The lenstronomy + emcee baseline (:func:`run_lenstronomy`) runs lenstronomy's own
 ``FittingSequence`` (PSO, then emcee) on an :class:`~lensflow.observation.Observation`,
 with the same model, grid, PSF (the observation's kernel as a ``PIXEL`` PSF),
-supersampling, noise (``noise_map``) and mask as lensflow's likelihood, bounds from the
-registry's default prior box, and the PSF-wide border masked (:func:`likelihood_mask`,
-because of the zero padding above). lenstronomy solves the two amplitudes linearly; each
+supersampling, noise (``noise_map``) and mask as lensflow's likelihood, and bounds from
+the registry's default prior box. Because of the zero padding above, the data are put on a
+grid padded by the PSF's half-width whose extra pixels are masked (:func:`fit_data`,
+``border="pad"``), so lenstronomy's likelihood uses every observed pixel, each exact, as
+lensflow's does; ``border="mask"`` drops a PSF-wide border instead (:func:`likelihood_mask`;
+a different, wider posterior). lenstronomy solves the two amplitudes linearly; each
 returned sample's amplitudes are drawn from their conditional Gaussian. docs/baselines.md
 is the user guide.
 
@@ -46,10 +49,12 @@ References:
 from __future__ import annotations
 
 __all__ = [
+    "BORDERS",
     "INDEPENDENT_SUPERSAMPLING",
     "NUMERICS",
     "LenstronomyKwargs",
     "LenstronomyResult",
+    "fit_data",
     "fitting_sequence",
     "from_lenstronomy",
     "image_model",
@@ -461,6 +466,65 @@ def likelihood_mask(observation: Observation, config: SimulatorConfig) -> np.nda
     return mask.astype(int)
 
 
+#: ``fitting_sequence(border=...)`` choices: ``pad`` puts the data on a grid padded by
+#: ``psf_pad_pix`` masked pixels (lenstronomy's model is then exact on every observed pixel,
+#: and its likelihood is lensflow's); ``mask`` drops a ``psf_pad_pix`` border of the
+#: observed pixels instead (``likelihood_mask``).
+BORDERS = ("pad", "mask")
+
+
+def fit_data(
+    observation: Observation, config: SimulatorConfig, border: str = "pad"
+) -> tuple[dict[str, Any], np.ndarray]:
+    """lenstronomy's ``kwargs_data`` and likelihood mask for fitting an observation.
+
+    With ``border="pad"`` the image, noise map and mask are padded by
+    :func:`psf_pad_pix` pixels on each side; the padding is masked (its image is 0 and its
+    noise the median of ``sigma``, neither used), so lenstronomy renders the model on the
+    padded grid, every observed pixel receives the light scattered in from outside the
+    field, and the likelihood runs over exactly the observation's mask, as
+    ``LensSimulator.log_likelihood`` does. The grid stays centred on the cutout.
+    With ``border="mask"`` the grid is the observation's and :func:`likelihood_mask`
+    drops the PSF-wide border (the behaviour before 2026-11-27; on demo_01 it widens the
+    lens light's Sersic posteriors by 1.2-1.3x, docs/baselines.md).
+
+    Args:
+        observation: Image, noise, native-resolution PSF kernel and mask.
+        config: Grid and supersampling; its grid must match the observation's.
+        border: One of ``BORDERS``.
+
+    Returns:
+        ``kwargs_data`` (``image_data``, ``noise_map`` and the grid) and the integer mask
+        (1 = used) on the same grid, of shape ``(n_pix + 2 pad, n_pix + 2 pad)`` with
+        ``pad = psf_pad_pix(config, psf_kernel=observation.psf)`` for ``"pad"``, else
+        ``(n_pix, n_pix)``.
+
+    Raises:
+        ValueError: For an unknown ``border``, a grid mismatch, or (``"mask"``) no pixel
+            left inside the border.
+        TypeError: If ``observation`` is not an ``Observation``.
+    """
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
+    _check_observation(observation, config)
+    image = observation.image.detach().cpu().double().numpy()
+    sigma = observation.sigma.detach().cpu().double().numpy()
+    if border == "mask":
+        mask = likelihood_mask(observation, config)
+        pad = 0
+    else:
+        mask = observation.mask.cpu().numpy().astype(int)  # never empty (Observation)
+        pad = psf_pad_pix(config, psf_kernel=observation.psf)
+        image = np.pad(image, pad)
+        sigma = np.pad(sigma, pad, constant_values=float(np.median(sigma)))
+        mask = np.pad(mask, pad)
+    kwargs_data = data_configure_simple(config.n_pix + 2 * pad, config.pixel_scale_arcsec,
+                                        inverse=False)  # fmt: skip
+    kwargs_data["image_data"] = image
+    kwargs_data["noise_map"] = sigma
+    return kwargs_data, mask
+
+
 def _box_kwargs(
     specs: Sequence[ParamSpec], attr: str, start: Tensor | None = None
 ) -> dict[str, list[dict[str, float]]]:
@@ -488,12 +552,14 @@ def fitting_sequence(
     sigma_scale: float = 0.25,
     use_source_marg: bool = False,
     start: Tensor | None = None,
+    border: str = "pad",
 ) -> FittingSequence:
     """lenstronomy's ``FittingSequence`` of the lensflow model on an observation.
 
-    Model, grid, PSF and supersampling are those of :func:`image_model` (``n_pad=0``: the
-    data grid); the noise is the observation's ``sigma`` as lenstronomy's ``noise_map``;
-    the likelihood mask is :func:`likelihood_mask`. Bounds are the registry's default prior
+    Model, PSF and supersampling are those of :func:`image_model`; the noise is the
+    observation's ``sigma`` as lenstronomy's ``noise_map``; grid, data and likelihood mask
+    are :func:`fit_data`'s (by default the data grid padded by masked pixels, so the
+    likelihood is lensflow's on every observed pixel). Bounds are the registry's default prior
     box, the start (PSO centre) is the box centre, or ``start``, with
     ``sigma = sigma_scale * width``.
     The two amplitudes are solved linearly at every likelihood call, as lenstronomy does by
@@ -510,20 +576,18 @@ def fitting_sequence(
         start: Physical parameters ``(D,)`` (registry order) to centre the PSO on instead
             of the box centre, e.g. an optimizer's result; its amplitudes are ignored (they
             are solved), the rest are pulled a hair inside the box.
+        border: How the edge pixels are handled, one of ``BORDERS`` (:func:`fit_data`).
 
     Returns:
         The configured ``FittingSequence``.
 
     Raises:
-        ValueError: If the observation's grid differs from the config's, or every pixel is
-            masked.
+        ValueError: If the observation's grid differs from the config's, every pixel is
+            masked, or ``border`` is unknown.
         TypeError: If ``observation`` is not an ``Observation``.
     """
-    mask = likelihood_mask(observation, config)
+    kwargs_data, mask = fit_data(observation, config, border)
     up = config.upsample_factor
-    kwargs_data = data_configure_simple(config.n_pix, config.pixel_scale_arcsec, inverse=False)
-    kwargs_data["image_data"] = observation.image.detach().cpu().double().numpy()
-    kwargs_data["noise_map"] = observation.sigma.detach().cpu().double().numpy()
     kernel = fine_psf(config, observation.psf.detach().cpu()).numpy()
     kwargs_psf: dict[str, Any] = (
         {"psf_type": "NONE"}
@@ -610,10 +674,8 @@ def _seeded_numpy(seed: int) -> Iterator[None]:
 class _AmplitudeSolver:
     """lenstronomy's linear amplitude solve on the fitting sequence's data, PSF and mask."""
 
-    def __init__(self, observation: Observation, config: SimulatorConfig) -> None:
-        fs_data = data_configure_simple(config.n_pix, config.pixel_scale_arcsec, inverse=False)
-        fs_data["image_data"] = observation.image.detach().cpu().double().numpy()
-        fs_data["noise_map"] = observation.sigma.detach().cpu().double().numpy()
+    def __init__(self, observation: Observation, config: SimulatorConfig, border: str) -> None:
+        fs_data, mask = fit_data(observation, config, border)
         template = image_model(config, psf_kernel=observation.psf.detach().cpu())
         self._fit = ImageLinearFit(
             ImageData(**fs_data),
@@ -626,7 +688,7 @@ class _AmplitudeSolver:
                 "supersampling_convolution": config.upsample_factor > 1,
                 "supersampling_kernel_size": None,
             },
-            likelihood_mask=likelihood_mask(observation, config),
+            likelihood_mask=mask,
         )
 
     def solve(self, kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -662,6 +724,7 @@ def run_lenstronomy(
     max_samples: int | None = None,
     start: Tensor | None = None,
     rng: np.random.Generator | None = None,
+    border: str = "pad",
 ) -> LenstronomyResult:
     """lenstronomy + emcee as a lenstronomy user runs it: ``FittingSequence`` PSO, then emcee.
 
@@ -697,14 +760,20 @@ def run_lenstronomy(
             centre ended in another mode with three seeds (docs/benchmarks.md).
         rng: numpy generator; seeds numpy's global RNG (restored afterwards) for
             lenstronomy's PSO and emcee.
+        border: Edge pixels, one of ``BORDERS`` (:func:`fit_data`): ``"pad"`` (default)
+            samples lensflow's likelihood over every observed pixel; ``"mask"`` drops a
+            PSF-wide border (a wider posterior).
 
     Returns:
         Samples (``method="lenstronomy"``), diagnostics, log-likelihoods and the PSO fit.
 
     Raises:
-        ValueError: For a grid mismatch, too few walkers or bad counts.
+        ValueError: For a grid mismatch, too few walkers, bad counts or an unknown
+            ``border``.
         TypeError: If ``observation`` is not an ``Observation``.
     """
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
     n_sampled = sum(key not in _LINEAR_KEYS for _, _, key in _KEYS)
     if n_walkers < 2 * n_sampled or n_walkers % 2:
         raise ValueError(
@@ -722,8 +791,9 @@ def run_lenstronomy(
     if start is not None and tuple(start.shape) != (len(NAMES),):
         raise ValueError(f"start must have shape ({len(NAMES)},), got {tuple(start.shape)}")
     fs = fitting_sequence(observation, config, sigma_scale=sigma_scale,
-                          use_source_marg=use_source_marg, start=start)  # fmt: skip
-    solver = _AmplitudeSolver(observation, config)
+                          use_source_marg=use_source_marg, start=start,
+                          border=border)  # fmt: skip
+    solver = _AmplitudeSolver(observation, config, border)
     rng = rng if rng is not None else np.random.default_rng()
     with (
         _seeded_numpy(int(rng.integers(2**32))),
