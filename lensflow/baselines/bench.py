@@ -352,7 +352,8 @@ def run_key(
     """
     fields = (*_RUN_FIELDS[method], *_RUN_COMMON)
     key: dict[str, Any] = {"config": config, "model": model, "seed": seed}
-    own = {k: v for k, v in overrides.items() if k in fields}
+    # lt_mask_border enters as "lt_border", which runs stored before it also carry.
+    own = {k: v for k, v in overrides.items() if k in fields and k != "lt_mask_border"}
     if own:
         key["overrides"] = own
     if method == "lenstronomy":
