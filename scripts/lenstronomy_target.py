@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lensflow.baselines.bench import load_demo_lenses, run_folder
+from lensflow.baselines.bench import _pick, load_demo_lenses, run_folder
 from lensflow.baselines.lenstronomy import fitting_sequence, likelihood_mask, to_lenstronomy
 from lensflow.checkpoint import load_model
 from lensflow.metrics import c2st
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_e, sd_e = em.mean(0), em.std(0)
     mean_l, sd_l = lt.mean(0), lt.std(0)
     n = min(args.c2st_samples, len(lt))
-    lt_sub = lt[torch.linspace(0, len(lt) - 1, n).long()]
+    lt_sub = lt[_pick(len(lt), n)]  # random rows: an even spacing follows few walkers
     rng = np.random.default_rng(args.seed)
     result: dict = {"lens": args.lens, "store": str(args.store), "border": border,
                     "n_weighted": len(em), "parity": parity, "weights": {}}  # fmt: skip
@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, chain in (("emcee", em_all), ("lenstronomy", lt)):
         half = len(chain) // 2
         a, b = chain[:half], chain[half:]
-        a = a[torch.linspace(0, len(a) - 1, min(n, len(a))).long()]
-        b = b[torch.linspace(0, len(b) - 1, min(n, len(b))).long()]
+        a, b = a[_pick(len(a), n)], b[_pick(len(b), n)]
         result["c2st_halves"][name] = c2st(a, b, seed=1, max_iter=args.c2st_max_iter)
         print(f"C2ST of {name}'s first half against its second: "
               f"{result['c2st_halves'][name]:.3f} ({len(a)} per side)", flush=True)  # fmt: skip

@@ -350,6 +350,28 @@ def test_c2st_vs_uses_equal_sizes_so_chance_is_one_half():
     assert abs(score - 0.5) < 0.1
 
 
+def test_subsets_of_an_ensemble_chain_mix_the_walkers():
+    """A 40-walker chain stored step-major (row = step x 40 + walker): an evenly spaced
+    subset follows 4-8 walkers at a time; the C2ST and thinning subsets must not."""
+    from lensflow.sampling import PosteriorSamples
+
+    walker = torch.arange(40).repeat(250)  # 10,000 rows
+    evenly = walker[torch.linspace(0, 9999, 1000).long()]
+    assert max(len(evenly[i : i + 100].unique()) for i in range(0, 1000, 100)) <= 8
+    picked = bench._pick(10_000, 1000)
+    assert len(picked.unique()) == 1000 and bool((picked.diff() > 0).all())
+    assert torch.equal(picked, bench._pick(10_000, 1000))  # seeded
+    runs = walker[picked]
+    assert min(len(runs[i : i + 100].unique()) for i in range(0, 1000, 100)) >= 30
+    theta = walker[:, None].double().repeat(1, len(NAMES))
+    assert torch.equal(bench._subset(theta, 1000)[:, 0].long(), runs)
+    thinned = bench._thin(PosteriorSamples(theta, log_prob=walker.double()), 1000)
+    assert torch.equal(thinned.theta[:, 0].long(), runs) and torch.equal(
+        thinned.log_prob.long(), runs
+    )
+    assert torch.equal(bench._pick(50, 1000), torch.arange(50))  # fewer rows: all of them
+
+
 def test_walker_ball_at_the_prior_edge_is_inside_and_not_degenerate():
     import numpy as np
 

@@ -161,12 +161,12 @@ class BenchConfig:
             pixel is used (``border="pad"``), so lenstronomy samples the same posterior as
             emcee and NUTS.
         smc_particles: Particles of ``flow+smc`` (``baselines.smc.run_smc``).
-        c2st_samples: Samples per side of each C2ST (evenly spaced subsets).
+        c2st_samples: Samples per side of each C2ST (random subsets, fixed seed).
         c2st_max_iter: Classifier epochs at most.
         n_chi2_samples: Posterior samples re-simulated for the mean reduced chi^2.
         n_coverage_samples: Samples per lens used for the coverage across lenses.
-        n_kept_samples: Each run's samples are thinned evenly to at most this many before
-            any statistic, and stored so (``run_bench(store=...)``); an emcee chain of
+        n_kept_samples: Each run's samples are thinned (random rows, fixed seed) to at
+            most this many before any statistic, and stored so (``run_bench(store=...)``); an emcee chain of
             30,000 steps x 64 walkers would otherwise be 1.9 million rows.
     """
 
@@ -603,16 +603,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _pick(n_rows: int, n: int) -> Tensor:
+    """``min(n, n_rows)`` distinct row indices drawn at random (fixed seed), in row order.
+
+    Not evenly spaced: an ensemble chain is stored step-major (``n_walkers`` rows per step),
+    and an even spacing close to a divisor of ``n_walkers`` follows a few walkers at a time.
+    On demo_01, 1,000 evenly spaced rows of each half of a 40-walker lenstronomy chain
+    (10,000 rows) held 4 to 8 walkers in every stretch of 100 picks, and a C2ST of the
+    two halves read 0.853; random rows gave 0.570 (docs/benchmarks.md).
+    """
+    if n >= n_rows:
+        return torch.arange(n_rows)
+    gen = torch.Generator().manual_seed(n_rows)
+    return torch.randperm(n_rows, generator=gen)[:n].sort().values
+
+
 def _subset(theta: Tensor, n: int) -> Tensor:
-    """``n`` evenly spaced rows of ``theta`` (all of them when there are fewer)."""
-    pick = torch.linspace(0, theta.shape[0] - 1, min(n, theta.shape[0])).long()
-    return theta[pick]
+    """``n`` rows of ``theta`` picked at random with a fixed seed (``_pick``; all rows when
+    there are fewer)."""
+    return theta[_pick(theta.shape[0], n)]
 
 
 def stack_samples(
     samples: dict[tuple[str, str], Any], lenses: Sequence[str], method: str, n_max: int
 ) -> Tensor:
-    """One method's samples on several lenses, evenly thinned to a common count.
+    """One method's samples on several lenses, thinned (random rows) to a common count.
 
     Args:
         samples: ``(lens, method)`` -> posterior samples (``BenchReport.samples``).
@@ -869,7 +884,7 @@ def _chain_record(d: Any, names: Sequence[str]) -> dict[str, Any]:  # noqa: ANN4
 
 
 def _c2st_vs(ref: Any, other: Any, cfg: BenchConfig, seed: int) -> float | None:  # noqa: ANN401
-    """C2ST accuracy of ``other`` against ``ref`` on evenly spaced subsets (None if degenerate)."""
+    """C2ST accuracy of ``other`` against ``ref`` on random subsets (None if degenerate)."""
     from lensflow.metrics import c2st
 
     # Equal sizes on both sides: with N reference and M < N other rows, a classifier that
@@ -885,12 +900,13 @@ def _c2st_vs(ref: Any, other: Any, cfg: BenchConfig, seed: int) -> float | None:
 
 
 def _thin(samples: Any, n: int) -> Any:  # noqa: ANN401 - PosteriorSamples
-    """At most ``n`` evenly spaced samples (with their ``log_prob``)."""
+    """At most ``n`` samples picked at random with a fixed seed, in chain order (``_pick``),
+    with their ``log_prob``."""
     from lensflow.sampling import PosteriorSamples
 
     if samples.theta.shape[0] <= n:
         return samples
-    pick = torch.linspace(0, samples.theta.shape[0] - 1, n).long()
+    pick = _pick(samples.theta.shape[0], n)
     lp = None if samples.log_prob is None else samples.log_prob[pick]
     return PosteriorSamples(samples.theta[pick], samples.names, lp, samples.method)
 
