@@ -610,7 +610,7 @@ def _pick(n_rows: int, n: int) -> Tensor:
     and an even spacing close to a divisor of ``n_walkers`` follows a few walkers at a time.
     On demo_01, 1,000 evenly spaced rows of each half of a 40-walker lenstronomy chain
     (10,000 rows) held 4 to 8 walkers in every stretch of 100 picks, and a C2ST of the
-    two halves read 0.853; random rows gave 0.570 (docs/benchmarks.md).
+    two halves read 0.853; random rows gave 0.554 (docs/benchmarks.md).
     """
     if n >= n_rows:
         return torch.arange(n_rows)
