@@ -523,12 +523,11 @@ def test_fit_data_pads_the_grid_with_masked_pixels(mock):
     np.testing.assert_array_equal(kwargs_data["noise_map"][inner], obs.sigma.numpy())
     assert (kwargs_data["noise_map"] > 0).all()
     # Same pixel centres: the padded grid's pixel (pad, pad) is the data's pixel (0, 0).
-    plain, _ = fit_data(obs, CONFIG, "mask")
+    plain, plain_mask = fit_data(obs, CONFIG, "mask")
     scale = CONFIG.pixel_scale_arcsec
     assert kwargs_data["ra_at_xy_0"] + pad * scale == pytest.approx(plain["ra_at_xy_0"])
     assert kwargs_data["dec_at_xy_0"] + pad * scale == pytest.approx(plain["dec_at_xy_0"])
-    np.testing.assert_array_equal(fit_data(obs, CONFIG, "mask")[1],
-                                  likelihood_mask(obs, CONFIG))  # fmt: skip
+    np.testing.assert_array_equal(plain_mask, likelihood_mask(obs, CONFIG))
     for call in (lambda: fit_data(obs, CONFIG, "crop"),
                  lambda: run_lenstronomy(obs, CONFIG, border="crop")):  # fmt: skip
         with pytest.raises(ValueError, match="border must be one of pad, mask, got 'crop'"):

@@ -166,8 +166,8 @@ class BenchConfig:
         n_chi2_samples: Posterior samples re-simulated for the mean reduced chi^2.
         n_coverage_samples: Samples per lens used for the coverage across lenses.
         n_kept_samples: Each run's samples are thinned (random rows, fixed seed) to at
-            most this many before any statistic, and stored so (``run_bench(store=...)``); an emcee chain of
-            30,000 steps x 64 walkers would otherwise be 1.9 million rows.
+            most this many before any statistic, and stored so (``run_bench(store=...)``);
+            an emcee chain of 30,000 steps x 64 walkers would otherwise be 1.9 million rows.
     """
 
     name: str = "small"
@@ -705,12 +705,13 @@ def _run_lenstronomy(
     from lensflow.params import NAMES
 
     centre = start["theta"].cpu() if cfg.lt_start_optimizer else None
+    border = "mask" if cfg.lt_mask_border else "pad"
     opt_s = start["time_s"] if cfg.lt_start_optimizer else 0.0
     r = run_lenstronomy(lens.observation, sim_cfg, n_particles=cfg.lt_particles,
                         n_iterations=cfg.lt_iterations, n_walkers=cfg.lt_walkers,
                         n_run=cfg.lt_steps, n_burn=cfg.lt_burn, use_progress=progress,
                         max_samples=cfg.n_kept_samples, start=centre,
-                        border="mask" if cfg.lt_mask_border else "pad",
+                        border=border,
                         rng=np.random.default_rng(seed))  # fmt: skip
     d = r.diagnostics
     tau = float(d.tau.max())
@@ -723,7 +724,7 @@ def _run_lenstronomy(
         "start": where,
         "start_log_posterior": lp,
         "truth_log_posterior": lt,
-        "likelihood_border": "mask" if cfg.lt_mask_border else "pad",
+        "likelihood_border": border,
         "init_time_s": opt_s + r.pso_wall_time_s,
         "wall_time_s": opt_s + r.pso_wall_time_s + d.wall_time_s,
         **_chain_record(d, NAMES),
